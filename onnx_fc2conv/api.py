@@ -1,0 +1,127 @@
+"""The pipeline, top to bottom: load -> shapes -> find heads -> plan ->
+rewrite -> verify -> save. Each step is a module with one job."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import onnx
+
+from . import find, load as load_mod, plan as plan_mod, rewrite, shapes as shapes_mod, verify
+from .errors import Fc2ConvError
+from .find import Layer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConversionResult:
+    """What :func:`convert` did. ``model`` is a new ModelProto."""
+    model: onnx.ModelProto
+    layers: list[Layer]
+    heads: int
+    dense: bool = False
+    source: str | None = None
+    input_shapes: dict = field(default_factory=dict)
+
+    @property
+    def converted(self) -> int:
+        return sum(1 for layer in self.layers if layer.converted)
+
+    @property
+    def changed(self) -> bool:
+        return self.heads > 0
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "mode": "dense" if self.dense else "keep", "heads": self.heads,
+                "fc_layers": len(self.layers), "converted": self.converted,
+                "layers": [layer.to_dict() for layer in self.layers]}
+
+
+@dataclass
+class InspectResult:
+    layers: list[Layer]
+    source: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "fc_layers": len(self.layers),
+                "convertible": sum(1 for layer in self.layers if layer.converted),
+                "layers": [layer.to_dict() for layer in self.layers]}
+
+
+def _overrides(input_shapes) -> dict[str, list[int]]:
+    if not input_shapes:
+        return {}
+    if isinstance(input_shapes, dict):
+        return {k: [int(d) for d in v] for k, v in input_shapes.items()}
+    if isinstance(input_shapes, str):
+        input_shapes = [input_shapes]
+    return shapes_mod.parse_input_shapes(list(input_shapes))
+
+
+def _analyse(model: onnx.ModelProto, overrides):
+    shapes_mod.validate_overrides(model, overrides)
+    infos = shapes_mod.infer(model, overrides)
+    return find.find_heads(model, infos)
+
+
+def convert(model, dense: bool = False, input_shapes=None) -> ConversionResult:
+    """Convert every convertible FC head of ``model`` into convolutions.
+
+    Args:
+        model: a path to an .onnx file, or an ``onnx.ModelProto`` (copied,
+            never mutated).
+        dense: make the model fully convolutional (score maps); not yet
+            available.
+        input_shapes: ``{"input": [1, 3, 224, 224]}`` or ``["input=1,3,224,224"]``,
+            to fix symbolic input dims for shape inference.
+
+    Raises:
+        Fc2ConvError: the model or an option is unusable (the message says why).
+    """
+    if dense:
+        raise Fc2ConvError("dense mode is not available in this version; convert in keep mode (without --dense)")
+    overrides = _overrides(input_shapes)
+    loaded = load_mod.load(model)
+    heads, layers = _analyse(loaded.model, overrides)
+    plans = plan_mod.plan_heads(loaded.model, heads)
+    rewrite.apply(loaded.model, plans)
+    log.info("converted %d of %d FC layers in %d head(s)", sum(l.converted for l in layers), len(layers), len(heads))
+    return ConversionResult(loaded.model, layers, len(heads), dense, str(loaded.path) if loaded.path else None,
+                            overrides)
+
+
+def inspect(model, input_shapes=None) -> InspectResult:
+    """List every FC layer: what it consumes and what it would become, or why not."""
+    overrides = _overrides(input_shapes)
+    loaded = load_mod.load(model)
+    _, layers = _analyse(loaded.model, overrides)
+    return InspectResult(layers, str(loaded.path) if loaded.path else None)
+
+
+def check(original, converted, provider: str = "cpu", dense: bool = False, inputs=None, atol=None, rtol=None,
+          input_shapes=None, runs: int = 3, seed: int = 0) -> verify.CheckReport:
+    """Run ``original`` and ``converted`` (paths or ModelProtos) in onnxruntime
+    and compare every output. The report is truthy when all outputs pass."""
+    if dense:
+        raise Fc2ConvError("dense checks are not available in this version")
+    overrides = _overrides(input_shapes)
+    orig = load_mod.load(original, check=False)
+    conv = load_mod.load(converted, check=False)
+    if overrides:
+        shapes_mod.validate_overrides(orig.model, overrides)
+    return verify.check_models(orig.path or orig.model, conv.path or conv.model,
+                               provider=provider, inputs=inputs, atol=atol, rtol=rtol,
+                               input_shapes=overrides, runs=runs, seed=seed,
+                               original_proto=orig.model, converted_proto=conv.model)
+
+
+def convert_graph(graph, dense: bool = False, input_shapes=None):
+    """Graph-level entry for pipelines built on onnx-graphsurgeon:
+    ``onnx_graphsurgeon.Graph`` in, a new converted Graph out."""
+    import onnx_graphsurgeon as gs
+
+    model = gs.export_onnx(graph)
+    result = convert(model, dense=dense, input_shapes=input_shapes)
+    return gs.import_onnx(result.model)

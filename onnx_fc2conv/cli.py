@@ -1,0 +1,193 @@
+"""Command line: ``onnx-fc2conv convert|inspect|check``.
+
+Exit codes: 0 success, 1 a check found a mismatch, 2 bad input or usage.
+Errors are one line on stderr (a traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__, api, verify
+from .errors import Fc2ConvError
+from .save import save
+
+PROG = "onnx-fc2conv"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other error
+        self.exit(2, f"{PROG}: error: {message} (see {PROG} {self._sub or ''} --help)\n".replace("  ", " "))
+
+    _sub = ""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Turn the fully connected layers of ONNX models into convolutions "
+                                       "and prove the result equal with onnxruntime.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    shape = argparse.ArgumentParser(add_help=False)
+    shape.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...", default=[],
+                       help="fix an input's shape for shape inference and the check (NAME:D0,... also accepted); "
+                            "repeat for several inputs")
+    tol = argparse.ArgumentParser(add_help=False)
+    tol.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime provider for the check")
+    tol.add_argument("--atol", type=float, help="absolute tolerance (default by dtype, scaled by output magnitude)")
+    tol.add_argument("--rtol", type=float, help="relative tolerance (default by dtype)")
+    tol.add_argument("--report", metavar="FILE.json", help="write per-layer and per-output results as JSON")
+    sub = p.add_subparsers(dest="command", metavar="{convert,inspect,check}", parser_class=_Parser)
+    sub.required = True
+    c = sub.add_parser("convert", parents=[common, shape, tol], help="convert FC layers into convolutions",
+                       description="Convert FC layers into Conv layers (keep mode: same inputs and outputs).")
+    c._sub = "convert"
+    c.add_argument("input", metavar="IN.onnx")
+    c.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    c.add_argument("--dense", action="store_true", help="fully convolutional output (score maps)")
+    c.add_argument("--check", action="store_true", help="prove the output equal with onnxruntime; "
+                                                        "a model that fails is not written (exit 1)")
+    c.add_argument("--inputs", metavar="FILE.npz", help="inputs for the check instead of seeded random ones")
+    c.add_argument("--external-data", action="store_true", help="write the weights to OUT.onnx.data")
+    c.add_argument("--overwrite", action="store_true", help="allow OUT.onnx to be the input file itself")
+    i = sub.add_parser("inspect", parents=[common, shape], help="list the FC layers and what they would become",
+                       description="List every FC layer: the map it consumes, its flatten layout, and what it "
+                                   "would become or why it will not be converted.")
+    i._sub = "inspect"
+    i.add_argument("input", metavar="IN.onnx")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    k = sub.add_parser("check", parents=[common, shape, tol], help="prove two models equal with onnxruntime",
+                       description="Run ORIGINAL and CONVERTED in onnxruntime and compare every output.")
+    k._sub = "check"
+    k.add_argument("original", metavar="ORIGINAL.onnx")
+    k.add_argument("converted", metavar="CONVERTED.onnx")
+    k.add_argument("--dense", action="store_true", help="check the dense window property")
+    k.add_argument("--inputs", metavar="FILE.npz", help="inputs instead of seeded random ones")
+    return p
+
+
+def _layer_table(layers) -> list[str]:
+    rows = [("node", "op", "pattern", "input map", "layout", "becomes")]
+    for layer in layers:
+        shape = "[" + ",".join(str(d) for d in layer.input_shape) + "]"
+        rows.append((layer.name, layer.op, layer.pattern, shape, layer.layout, layer.becomes))
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+    return ["  " + "  ".join(r[c].ljust(widths[c]) for c in range(5)) + "  " + r[5] for r in rows]
+
+
+def _summary(name, layers, heads=None) -> str:
+    n = len(layers)
+    conv = sum(1 for layer in layers if layer.converted)
+    if n == 0:
+        return f"{name}: no FC layer found"
+    s = f"{name}: {n} FC layer{'s' if n != 1 else ''}, {conv} convert{'ed' if heads is not None else 'ible'}"
+    if heads is not None:
+        s += f" in {heads} head{'s' if heads != 1 else ''}"
+    return s
+
+
+def _write_json(path, payload) -> None:
+    from .save import _atomic_write
+
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise Fc2ConvError(f"{path}: the report folder does not exist")
+    _atomic_write(folder, target, [json.dumps(payload, indent=2, default=str).encode() + b"\n"])
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _cmd_convert(args, out) -> int:
+    if _same_file(args.input, args.output) and not args.overwrite:
+        raise Fc2ConvError(f"{args.output}: the output is the input file; choose another -o, "
+                           "or pass --overwrite to replace the input")
+    result = api.convert(args.input, dense=args.dense, input_shapes=args.input_shape)
+    out(_summary(args.input, result.layers, result.heads))
+    if result.layers:
+        for line in _layer_table(result.layers):
+            out(line)
+    if not result.changed:
+        out("nothing to convert: the output is the unchanged model")
+    payload = {"input": args.input, "output": args.output, "conversion": result.to_dict(), "check": None}
+    code = 0
+    if args.check:
+        report = verify.check_models(args.input, result.model, provider=args.provider, inputs=args.inputs,
+                                     atol=args.atol, rtol=args.rtol, input_shapes=result.input_shapes,
+                                     original_proto=_proto_of(args.input))
+        for line in report.lines():
+            out(line)
+        payload["check"] = report.to_dict()
+        if not report.ok:
+            payload["written"] = False
+            if args.report:
+                _write_json(args.report, payload)
+            print(f"{PROG}: the converted model failed its check; {args.output} was not written", file=sys.stderr)
+            return 1
+    written = save(result.model, args.output, external_data=True if args.external_data else None)
+    payload["written"] = True
+    payload["files"] = [str(p) for p in written]
+    if args.report:
+        _write_json(args.report, payload)
+    out(f"wrote {', '.join(str(p) for p in written)}")
+    return code
+
+
+def _proto_of(path):
+    from .load import load
+    return load(path, check=False).model
+
+
+def _cmd_inspect(args, out) -> int:
+    result = api.inspect(args.input, input_shapes=args.input_shape)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+        return 0
+    out(_summary(args.input, result.layers))
+    for line in _layer_table(result.layers):
+        out(line)
+    return 0
+
+
+def _cmd_check(args, out) -> int:
+    report = api.check(args.original, args.converted, provider=args.provider, dense=args.dense,
+                       inputs=args.inputs, atol=args.atol, rtol=args.rtol, input_shapes=args.input_shape)
+    for line in report.lines():
+        out(line)
+    if args.report:
+        _write_json(args.report, {"original": args.original, "converted": args.converted, "check": report.to_dict()})
+    return 0 if report.ok else 1
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format=f"{PROG}: %(message)s", stream=sys.stderr)
+
+    def out(line: str) -> None:
+        if not args.quiet:
+            print(line)
+
+    handler = {"convert": _cmd_convert, "inspect": _cmd_inspect, "check": _cmd_check}[args.command]
+    try:
+        return handler(args, out)
+    except Fc2ConvError as exc:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+        return 130

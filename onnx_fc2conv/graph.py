@@ -1,0 +1,178 @@
+"""A read-only index over an ONNX graph: who produces and who consumes each
+tensor, which tensors are constant, and their values (folding small constant
+expressions such as a Reshape or Transpose of an initializer).
+
+Nothing here mutates the graph.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+# Ops whose output is a pure function of their inputs and attributes: a node
+# of these with constant inputs is a constant expression we may evaluate.
+FOLDABLE = frozenset({
+    "Identity", "Reshape", "Transpose", "Cast", "Squeeze", "Unsqueeze", "Flatten",
+    "Concat", "Gather", "Slice", "ConstantOfShape", "Shape", "Size", "Expand", "Tile",
+    "Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Reciprocal", "Pow", "Abs",
+    "Range", "Equal", "Where", "ReduceProd", "ReduceSum", "Min", "Max",
+    "DequantizeLinear", "CastLike", "Split",
+})
+
+# Constant expressions larger than this many nodes are not evaluated.
+_MAX_FOLD_NODES = 64
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+def subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
+    """Names that nodes of nested subgraphs (If/Loop/Scan bodies) read."""
+    names: set[str] = set()
+    for node in graph.node:
+        for a in node.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for sub in subs:
+                for n in sub.node:
+                    names.update(n.input)
+                names |= subgraph_inputs(sub)
+    names.discard("")
+    return names
+
+
+class GraphIndex:
+    """Producers, consumers and constant values of one graph."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        graph = model.graph
+        self.graph = graph
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.inputs = [i.name for i in graph.input if i.name not in self.initializers]
+        self.outputs = {o.name for o in graph.output}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self.position: dict[int, int] = {}
+        for i, node in enumerate(graph.node):
+            self.position[id(node)] = i
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers[inp].append(node)
+        self.sub_reads = subgraph_inputs(graph)
+        self._values: dict[str, np.ndarray | None] = {}
+
+    # -- structure ---------------------------------------------------------
+    def uses(self, name: str) -> int:
+        """How many places read a tensor (nodes, graph outputs, subgraphs)."""
+        return len(self.consumers.get(name, ())) + (name in self.outputs) + (name in self.sub_reads)
+
+    def only_consumer(self, name: str) -> onnx.NodeProto | None:
+        if self.uses(name) != 1:
+            return None
+        cons = self.consumers.get(name, ())
+        return cons[0] if cons else None
+
+    # -- constants ---------------------------------------------------------
+    def is_const(self, name: str) -> bool:
+        return self.value(name) is not None
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The tensor's constant value, or None when it is not a constant."""
+        if not name:
+            return None
+        if name in self._values:
+            return self._values[name]
+        self._values[name] = None  # guards against cycles
+        val = self._compute(name, budget=[_MAX_FOLD_NODES])
+        self._values[name] = val
+        return val
+
+    def _compute(self, name: str, budget: list[int]) -> np.ndarray | None:
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            return _constant_node_value(node)
+        if node.domain not in ("", "ai.onnx") or node.op_type not in FOLDABLE:
+            return None
+        budget[0] -= 1
+        if budget[0] < 0:
+            return None
+        feeds = {}
+        for inp in node.input:
+            if not inp:
+                continue
+            if node.op_type in ("Shape", "Size") and inp == node.input[0]:
+                return None  # handled by shape evaluation, not constant folding
+            v = self.value(inp)
+            if v is None:
+                return None
+            feeds[inp] = v
+        try:
+            outs = run_node(node, feeds, self.opset)
+        except Exception:  # an expression the reference runtime rejects is not ours to fold
+            return None
+        for out_name, out_val in zip(node.output, outs):
+            if out_name and out_name != name:
+                self._values.setdefault(out_name, out_val)
+        return outs[list(node.output).index(name)]
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    return None
+
+
+def run_node(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int) -> list[np.ndarray]:
+    """Evaluate one node with onnx's reference runtime."""
+    from onnx.reference import ReferenceEvaluator
+
+    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+              for n, v in feeds.items()]
+    outputs = [helper.make_empty_tensor_value_info(o) for o in node.output if o]
+    graph = helper.make_graph([node], "fold", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    outs = ReferenceEvaluator(model).run(None, feeds)
+    return [np.asarray(o) for o in outs]
+
+
+def run_nodes(nodes: Iterable[onnx.NodeProto], feeds: dict[str, np.ndarray], want: str,
+              opset: int) -> np.ndarray:
+    """Evaluate a small subgraph (nodes in topological order) for one tensor."""
+    from onnx.reference import ReferenceEvaluator
+
+    nodes = list(nodes)
+    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+              for n, v in feeds.items()]
+    graph = helper.make_graph(nodes, "expr", inputs, [helper.make_empty_tensor_value_info(want)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return np.asarray(ReferenceEvaluator(model).run([want], feeds)[0])

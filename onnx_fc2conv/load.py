@@ -1,0 +1,99 @@
+"""Load a model from a path or a ModelProto, refusing what is not a valid
+ONNX model with one clear sentence. The caller's ModelProto is copied, never
+mutated. External data is read only from inside the model's folder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from .errors import Fc2ConvError
+
+_PROTO_LIMIT = 2**31 - 1
+
+
+@dataclass
+class Loaded:
+    model: onnx.ModelProto
+    path: Path | None          # where it came from, if a file
+
+
+def load(source, *, check: bool = True) -> Loaded:
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        if check:
+            _check(model, "the model")
+        return Loaded(model, None)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"expected a path or an onnx.ModelProto, got {type(source).__name__}")
+    path = Path(source)
+    if not path.exists():
+        raise Fc2ConvError(f"{path}: no such file")
+    if path.is_dir():
+        raise Fc2ConvError(f"{path}: is a directory, not an .onnx file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise Fc2ConvError(f"{path}: cannot read: {exc.strerror}") from None
+    if not data:
+        raise Fc2ConvError(f"{path}: the file is empty")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError):
+        raise Fc2ConvError(f"{path}: not an ONNX model (the file does not parse as an ONNX protobuf; "
+                           "is it truncated or another format?)") from None
+    del data
+    if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import or not model.graph.node:
+        raise Fc2ConvError(f"{path}: not an ONNX model (no graph, IR version or opset); is it truncated?")
+    _load_external(model, path)
+    if check:
+        _check(model, str(path))
+    return Loaded(model, path)
+
+
+def _external_tensors(model: onnx.ModelProto):
+    return [t for t in external_data_helper._get_all_tensors(model)
+            if t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def _load_external(model: onnx.ModelProto, path: Path) -> None:
+    tensors = _external_tensors(model)
+    if not tensors:
+        return
+    base = path.parent.resolve()
+    for t in tensors:
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        target = (base / loc).resolve()
+        if not loc or os.path.isabs(loc) or ".." in Path(loc).parts or base not in target.parents:
+            raise Fc2ConvError(f"{path}: tensor {t.name!r} points at external data {loc!r} outside the model's "
+                               "folder; refusing to read it")
+        if not target.is_file():
+            raise Fc2ConvError(f"{path}: external data file {loc!r} of tensor {t.name!r} is missing; "
+                               "keep it beside the model")
+        size = target.stat().st_size
+        offset, length = int(info.get("offset", 0) or 0), info.get("length")
+        if offset > size or (length is not None and offset + int(length) > size):
+            raise Fc2ConvError(f"{path}: tensor {t.name!r} reads past the end of {loc!r}; the data file is truncated")
+    try:
+        external_data_helper.load_external_data_for_model(model, str(base))
+    except Exception as exc:  # onnx's own checks (links, sizes): their words are the reason
+        raise Fc2ConvError(f"{path}: cannot load external data: {str(exc).splitlines()[0]}") from None
+
+
+def _check(model: onnx.ModelProto, what: str) -> None:
+    if model.ByteSize() > _PROTO_LIMIT:
+        return  # the checker cannot serialise it; shape inference and onnxruntime still validate
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), "invalid model")
+        raise Fc2ConvError(f"{what}: fails onnx.checker: {first.strip()}") from None

@@ -1,0 +1,119 @@
+"""Plan the rewrite of each head: every number the rewrite needs (kernels,
+biases, reshaped constants, tensor names) is computed here, and nothing in
+the graph is touched. Applying a plan (rewrite.py) decides nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from . import kernels
+from .find import FC, Head, Step
+from .graph import GraphIndex
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    anchor: onnx.NodeProto           # new nodes go where this (removed) node was
+    nodes: tuple                     # new nodes, in order
+    initializers: tuple              # (name, np.ndarray) pairs
+    removed: frozenset               # ids of the nodes the head replaces
+
+
+class Namer:
+    """Fresh tensor and node names that collide with nothing in the graph."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.used: set[str] = {i.name for i in graph.input} | {o.name for o in graph.output}
+        self.used |= {t.name for t in graph.initializer} | {v.name for v in graph.value_info}
+        for n in graph.node:
+            self.used.update(n.input)
+            self.used.update(n.output)
+            self.used.add(n.name)
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used:
+            i += 1
+            name = f"{base}_{i}"
+        self.used.add(name)
+        return name
+
+
+def plan_heads(model: onnx.ModelProto, heads: list[Head]) -> list[HeadPlan]:
+    idx = GraphIndex(model)
+    namer = Namer(model.graph)
+    kernel_cache: dict[tuple, str] = {}
+    plans = []
+    for head in heads:
+        plans.append(_plan_head(idx, namer, head, kernel_cache))
+    return plans
+
+
+def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict) -> HeadPlan:
+    col = head.collapse
+    spatial = head.spatial_rank
+    nodes: list[onnx.NodeProto] = []
+    inits: list[tuple[str, np.ndarray]] = []
+    x = col.source
+    if col.unsqueeze:
+        out = namer(f"{x}_map")
+        axes = list(range(2, 2 + col.unsqueeze))
+        if idx.opset >= 13:
+            axes_name = namer(f"{x}_map_axes")
+            inits.append((axes_name, np.array(axes, dtype=np.int64)))
+            nodes.append(helper.make_node("Unsqueeze", [x, axes_name], [out], name=namer(f"{x}_unsqueeze")))
+        else:
+            nodes.append(helper.make_node("Unsqueeze", [x], [out], name=namer(f"{x}_unsqueeze"), axes=axes))
+        x = out
+    feature_shape = col.feature_shape
+    perm = col.perm
+    first = True
+    for item in head.items:
+        if isinstance(item, FC):
+            w = idx.value(item.weight)
+            fshape = feature_shape if first else (item.k,) + (1,) * spatial
+            key = (item.weight, item.trans_b, item.alpha, perm if first else None, fshape)
+            if key not in kernel_cache:
+                kernel = kernels.conv_kernel(kernels.fc_matrix(w, trans_b=item.trans_b, alpha=item.alpha), fshape,
+                                             perm if first else None)
+                kernel_cache[key] = namer(f"{item.weight}_conv")
+                inits.append((kernel_cache[key], kernel))
+            conv_inputs = [x, kernel_cache[key]]
+            if item.bias is not None:
+                b = kernels.fc_bias(idx.value(item.bias), item.m, beta=item.beta)
+                if b is not None:
+                    bname = namer(f"{item.bias}_conv")
+                    inits.append((bname, b.astype(w.dtype, copy=False)))
+                    conv_inputs.append(bname)
+            out = namer(f"{item.output}_conv")
+            nodes.append(helper.make_node("Conv", conv_inputs, [out], name=item.nodes[0].name or namer(item.name),
+                                          kernel_shape=list(fshape[1:])))
+            x = out
+            first = False
+        else:
+            if item.identity:
+                continue
+            node = onnx.NodeProto()
+            node.CopyFrom(item.node)
+            node.input[item.data_index] = x
+            for index, value in item.constants:
+                cname = namer(f"{node.input[index]}_conv")
+                inits.append((cname, value))
+                node.input[index] = cname
+            out = namer(f"{item.node.output[0]}_conv")
+            del node.output[1:]
+            node.output[0] = out
+            nodes.append(node)
+            x = out
+    nodes.append(helper.make_node("Flatten", [x], [head.end], name=namer(f"{head.end}_flatten"), axis=1))
+    removed = set()
+    for item in head.items:
+        for n in (item.nodes if isinstance(item, FC) else (item.node,)):
+            removed.add(id(n))
+    anchor = head.items[0].nodes[0]
+    return HeadPlan(anchor, tuple(nodes), tuple(inits), frozenset(removed))

@@ -1,0 +1,118 @@
+"""Apply head plans to a model, in place: swap the FC nodes for the planned
+Conv nodes, reuse each head's last original tensor name for the final Flatten
+(so outputs and downstream consumers keep their names), then drop what the
+change orphaned and put the nodes back in topological order.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import onnx
+from onnx import numpy_helper
+
+from .graph import subgraph_inputs
+from .plan import HeadPlan
+
+
+def _reads(graph: onnx.GraphProto) -> set[str]:
+    names = {o.name for o in graph.output} | subgraph_inputs(graph)
+    for n in graph.node:
+        names.update(n.input)
+    names.discard("")
+    return names
+
+
+def apply(model: onnx.ModelProto, plans: list[HeadPlan]) -> None:
+    if not plans:
+        return
+    graph = model.graph
+    read_before = _reads(graph)
+    anchors = {id(p.anchor): p for p in plans}
+    removed = set().union(*(p.removed for p in plans))
+    new_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        plan = anchors.get(id(node))
+        if plan is not None:
+            new_nodes.extend(plan.nodes)
+        if id(node) not in removed:
+            new_nodes.append(node)
+    _replace_nodes(graph, new_nodes)
+    for plan in plans:
+        for name, value in plan.initializers:
+            graph.initializer.append(numpy_helper.from_array(value, name))
+    _prune(graph, read_before)
+    _toposort(graph)
+    produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} \
+        | {t.name for t in graph.initializer}
+    keep_vi = [v for v in graph.value_info if v.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(keep_vi)
+
+
+def _replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    # A repeated field owns its messages: copy them out before clearing it.
+    detached = []
+    for n in nodes:
+        d = onnx.NodeProto()
+        d.CopyFrom(n)
+        detached.append(d)
+    del graph.node[:]
+    graph.node.extend(detached)
+
+
+def _prune(graph: onnx.GraphProto, read_before: set[str]) -> None:
+    """Remove nodes and initializers that the rewrite left unread (and only
+    those: anything unread before stays)."""
+    while True:
+        reads = _reads(graph)
+        dead = [i for i, n in enumerate(graph.node)
+                if not any(o in reads for o in n.output if o) and any(o in read_before for o in n.output if o)]
+        if not dead:
+            break
+        for i in reversed(dead):
+            del graph.node[i]
+    reads = _reads(graph)
+    inputs = {i.name for i in graph.input}
+    keep = [t for t in graph.initializer if t.name in reads or t.name in inputs or t.name not in read_before]
+    if len(keep) != len(graph.initializer):
+        names = {t.name for t in keep}
+        for i in reversed(range(len(graph.initializer))):
+            if graph.initializer[i].name not in names:
+                del graph.initializer[i]
+
+
+def _toposort(graph: onnx.GraphProto) -> None:
+    """Stable topological sort (Kahn, by original position)."""
+    nodes = list(graph.node)
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    producer = {}
+    for i, n in enumerate(nodes):
+        for o in n.output:
+            producer[o] = i
+    deps = []
+    users: dict[int, list[int]] = {i: [] for i in range(len(nodes))}
+    for i, n in enumerate(nodes):
+        d = {producer[x] for x in n.input if x not in available and x in producer and producer[x] != i}
+        deps.append(len(d))
+        for j in d:
+            users[j].append(i)
+    ready = [i for i, d in enumerate(deps) if d == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            deps[u] -= 1
+            if deps[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes) or order == list(range(len(nodes))):
+        return  # already sorted, or a cycle: leave as is
+    detached = []
+    for i in order:
+        d = onnx.NodeProto()
+        d.CopyFrom(nodes[i])
+        detached.append(d)
+    del graph.node[:]
+    graph.node.extend(detached)

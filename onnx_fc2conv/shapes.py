@@ -1,0 +1,133 @@
+"""Static shapes of every tensor, from ONNX shape inference with data
+propagation, run on a light copy of the graph (large initializers are replaced
+by typed graph inputs, so inference never copies the weights).
+
+``--input-shape NAME=D0,D1,...`` overrides are applied to that copy only: they
+inform inference and the check, and never change the model's own inputs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import onnx
+from onnx import helper
+
+from .errors import Fc2ConvError
+
+Dim = int | str | None  # a fixed size, a symbolic name, or unknown
+_SMALL = 4096  # initializers with at most this many elements are kept for data propagation
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[Dim, ...] | None
+    elem_type: int
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+    def static(self, start: int = 0) -> bool:
+        return self.shape is not None and all(isinstance(d, int) for d in self.shape[start:])
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
+    """Parse ``NAME=D0,D1,...`` (or ``NAME:D0,...`` as onnxsim writes it)."""
+    shapes: dict[str, list[int]] = {}
+    for spec in specs or ():
+        m = re.fullmatch(r"\s*(.+?)\s*[=:]\s*(\d+(?:\s*[,x]\s*\d+)*)\s*", spec)
+        if not m:
+            raise Fc2ConvError(f"--input-shape {spec!r} does not parse: write NAME=D0,D1,... e.g. input=1,3,224,224")
+        dims = [int(d) for d in re.split(r"[,x]", m.group(2))]
+        if any(d <= 0 for d in dims):
+            raise Fc2ConvError(f"--input-shape {spec!r}: every dimension must be a positive integer")
+        shapes[m.group(1)] = dims
+    return shapes
+
+
+def _dims(type_proto: onnx.TypeProto) -> tuple[Dim, ...] | None:
+    if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
+        return None
+    out: list[Dim] = []
+    for d in type_proto.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+def input_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
+    inits = {t.name for t in model.graph.initializer}
+    return {i.name: TensorInfo(_dims(i.type), i.type.tensor_type.elem_type)
+            for i in model.graph.input if i.name not in inits}
+
+
+def validate_overrides(model: onnx.ModelProto, overrides: dict[str, list[int]]) -> None:
+    infos = input_infos(model)
+    for name, dims in overrides.items():
+        if name not in infos:
+            raise Fc2ConvError(f"--input-shape names {name!r}, which is not an input of the model; "
+                               f"its inputs are: {', '.join(infos) or '(none)'}")
+        shape = infos[name].shape
+        if shape is not None and len(shape) != len(dims):
+            raise Fc2ConvError(f"--input-shape {name}={','.join(map(str, dims))} has rank {len(dims)}, "
+                               f"but input {name!r} has rank {len(shape)} {_fmt(shape)}")
+        for axis, (want, have) in enumerate(zip(dims, shape or ())):
+            if isinstance(have, int) and have != want:
+                raise Fc2ConvError(f"--input-shape {name}={','.join(map(str, dims))} sets axis {axis} to {want}, "
+                                   f"but the model fixes it at {have} {_fmt(shape)}")
+
+
+def _fmt(shape) -> str:
+    return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def infer(model: onnx.ModelProto, overrides: dict[str, list[int]] | None = None) -> dict[str, TensorInfo]:
+    """Shapes of all tensors (graph inputs, initializers, node outputs)."""
+    overrides = overrides or {}
+    graph = model.graph
+    light = onnx.ModelProto()
+    light.ir_version = max(model.ir_version, 4)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    lg = light.graph
+    lg.name = graph.name
+    lg.node.extend(graph.node)
+    lg.output.extend(graph.output)
+    input_names = set()
+    for inp in graph.input:
+        vi = lg.input.add()
+        vi.CopyFrom(inp)
+        input_names.add(inp.name)
+        if inp.name in overrides:
+            shape = vi.type.tensor_type.shape
+            shape.ClearField("dim")
+            for d in overrides[inp.name]:
+                shape.dim.add().dim_value = d
+    infos: dict[str, TensorInfo] = {}
+    for t in graph.initializer:
+        infos[t.name] = TensorInfo(tuple(int(d) for d in t.dims), t.data_type)
+        n = 1
+        for d in t.dims:
+            n *= d
+        if n <= _SMALL and not (t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL):
+            lg.initializer.append(t)
+        elif t.name not in input_names:
+            lg.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:  # onnx raises several types here; all mean the same to the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise Fc2ConvError(f"shape inference failed: {first}") from None
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.name in infos and vi.name not in input_names:
+            continue
+        if vi.type.HasField("tensor_type"):
+            infos[vi.name] = TensorInfo(_dims(vi.type), vi.type.tensor_type.elem_type)
+    return infos
