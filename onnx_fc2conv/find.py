@@ -190,7 +190,7 @@ class _Matcher:
                     except kernels.NotPerFeature:
                         pass
             op = "MatMul+Add" if bias else "MatMul"
-            return FC(label, op, nodes, a, out, b, True, 1.0, 1.0, bias, m, k)
+            return FC(label, op, nodes, a, out, b, False, 1.0, 1.0, bias, m, k)
         return None
 
     # -- collapse of the feature map -----------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import heapq
 
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from .graph import subgraph_inputs
 from .plan import HeadPlan
@@ -38,10 +38,14 @@ def apply(model: onnx.ModelProto, plans: list[HeadPlan]) -> None:
         if id(node) not in removed:
             new_nodes.append(node)
     _replace_nodes(graph, new_nodes)
+    legacy = model.ir_version < 4  # IR < 4: every initializer is also a graph input
     for plan in plans:
         for name, value in plan.initializers:
-            graph.initializer.append(numpy_helper.from_array(value, name))
-    _prune(graph, read_before)
+            tensor = numpy_helper.from_array(value, name)
+            graph.initializer.append(tensor)
+            if legacy:
+                graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+    _prune(graph, read_before, legacy)
     _toposort(graph)
     produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} \
         | {t.name for t in graph.initializer}
@@ -61,9 +65,11 @@ def _replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
     graph.node.extend(detached)
 
 
-def _prune(graph: onnx.GraphProto, read_before: set[str]) -> None:
+def _prune(graph: onnx.GraphProto, read_before: set[str], legacy: bool) -> None:
     """Remove nodes and initializers that the rewrite left unread (and only
-    those: anything unread before stays)."""
+    those: anything unread before stays). An initializer that is also a graph
+    input is an input the user may feed, so it stays, except under IR < 4,
+    where every initializer is listed as an input and the pair goes."""
     while True:
         reads = _reads(graph)
         dead = [i for i, n in enumerate(graph.node)
@@ -73,13 +79,17 @@ def _prune(graph: onnx.GraphProto, read_before: set[str]) -> None:
         for i in reversed(dead):
             del graph.node[i]
     reads = _reads(graph)
-    inputs = {i.name for i in graph.input}
-    keep = [t for t in graph.initializer if t.name in reads or t.name in inputs or t.name not in read_before]
-    if len(keep) != len(graph.initializer):
-        names = {t.name for t in keep}
+    inputs = set() if legacy else {i.name for i in graph.input}
+    drop = {t.name for t in graph.initializer
+            if t.name not in reads and t.name not in inputs and t.name in read_before}
+    if drop:
         for i in reversed(range(len(graph.initializer))):
-            if graph.initializer[i].name not in names:
+            if graph.initializer[i].name in drop:
                 del graph.initializer[i]
+        if legacy:
+            for i in reversed(range(len(graph.input))):
+                if graph.input[i].name in drop:
+                    del graph.input[i]
 
 
 def _toposort(graph: onnx.GraphProto) -> None:

@@ -1,0 +1,229 @@
+"""Keep-mode equivalence over a grid of heads: every case is converted, the
+FC ops must be gone with Convs in their place, the I/O signature unchanged,
+and onnxruntime must give the original's outputs."""
+
+import numpy as np
+import onnx
+import pytest
+
+from builders import CHAIN_OPS, COLLAPSES, FCS, head_model
+from helpers import assert_converts, feeds_for, ops, parse, run
+from onnx_fc2conv import Fc2ConvError, convert, inspect
+
+MAPS = [(4, 3, 3), (2, 5, 3), (3, 7), (2, 3, 4, 2), (5, 1, 1)]
+
+
+def _batch_for(collapse, batch):
+    if collapse == "reshape_1_-1":
+        return 1
+    if collapse == "reshape_N_K":
+        return 3
+    return batch
+
+
+# Opset 8 (the IR 3 case) has no optional Gemm bias.
+GRID = [(c, f) for c in COLLAPSES for f in FCS if not (c == "reshape_input_initializer" and f == "gemm_nobias")]
+
+
+@pytest.mark.parametrize("collapse,fc", GRID)
+def test_fc_variant_by_collapse(collapse, fc):
+    batch = _batch_for(collapse, "N")
+    assert_converts(head_model(collapse=collapse, fc=fc, batch=batch), convs=2,
+                    batch=batch if isinstance(batch, int) else 2)
+
+
+@pytest.mark.parametrize("batch", [1, 3, "N"])
+@pytest.mark.parametrize("feature_shape", MAPS, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("collapse", ["flatten", "reshape_0_-1", "reshape_-1_K", "reshape_shape_chain"])
+def test_maps_and_batches(collapse, feature_shape, batch):
+    model = head_model(feature_shape=feature_shape, collapse=collapse, batch=batch, fc="gemm_tb0")
+    result = assert_converts(model, convs=2, batch=3 if batch == "N" else batch)
+    first = result.layers[0]
+    assert first.kernel == list(feature_shape[1:]) and first.in_channels == feature_shape[0]
+
+
+@pytest.mark.parametrize("feature_shape", MAPS, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("op", CHAIN_OPS)
+def test_chain_ops_between_fcs(op, feature_shape):
+    result = assert_converts(head_model(feature_shape=feature_shape, chain=(op, "Relu")), convs=2)
+    assert op.replace("Scalar", "").replace("PerFeature", "").replace("Left", "") in ops(result.model)
+
+
+def test_three_fc_chain_with_softmax_keeps_softmax_after_flatten():
+    model = head_model(chain=("Relu", "Dropout"), softmax=True)
+    result = assert_converts(model, convs=2)
+    seq = ops(result.model)
+    assert seq[-2:] == ["Flatten", "Softmax"], seq
+
+
+def test_float16_is_kept():
+    model = head_model(dtype=np.float16, fc="gemm_alpha_beta")
+    result = assert_converts(model, convs=2, rtol=1e-2, atol=1e-2)
+    assert {t.data_type for t in result.model.graph.initializer} == {onnx.TensorProto.FLOAT16}
+
+
+def test_float64_is_kept():
+    """onnxruntime's CPU Conv has no double kernel: compare in onnx.reference."""
+    from onnx.reference import ReferenceEvaluator
+
+    model = head_model(dtype=np.float64, fc="gemm_tb0", chain=("Tanh",))
+    result = convert(model)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert ops(result.model).count("Conv") == 2 and "Gemm" not in ops(result.model)
+    assert {t.data_type for t in result.model.graph.initializer} == {onnx.TensorProto.DOUBLE}
+    feeds = feeds_for(model, 2)
+    want = ReferenceEvaluator(model).run(None, feeds)[0]
+    got = ReferenceEvaluator(result.model).run(None, feeds)[0]
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_softmax_opset_11_untouched_after_flatten():
+    assert_converts(head_model(opset=11, softmax=True), convs=2)
+
+
+def test_weight_shared_by_two_gemms_is_stored_once():
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,2,3,3] x) => (float[N,4] y, float[N,4] z) {
+          f = Flatten <axis=1> (x)
+          y = Gemm <transB=1> (f, w, b)
+          r = Relu(x)
+          fr = Flatten <axis=1> (r)
+          z = Gemm <transB=1> (fr, w, b)
+        }""", w=np.random.default_rng(0).standard_normal((4, 18)).astype(np.float32),
+        b=np.arange(4, dtype=np.float32))
+    result = assert_converts(model, convs=2)
+    convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
+    assert convs[0].input[1] == convs[1].input[1]
+    assert [t.name for t in result.model.graph.initializer].count(convs[0].input[1]) == 1
+
+
+def test_graph_input_map_converts():
+    """The map may be the graph input itself (no trunk)."""
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[1,3,2,2] x) => (float[1,5] y) {
+          f = Flatten(x)
+          y = Gemm <transB=1> (f, w)
+        }""", w=np.ones((5, 12), np.float32))
+    assert_converts(model, convs=1, batch=1)
+
+
+# -- what is not converted, and why --------------------------------------
+
+def _layers(text, **inits):
+    return inspect(parse(text, **inits)).layers
+
+
+def test_transa_is_reported_not_converted():
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[1,2,2,2] x) => (float[8,3] y) {
+          f = Flatten(x)
+          y = Gemm <transA=1> (f, w)
+        }""", w=np.ones((1, 3), np.float32))
+    layers = inspect(model).layers
+    assert len(layers) == 1 and not layers[0].converted
+    assert "transA=1" in layers[0].reason
+    result = convert(model)
+    assert ops(result.model) == ops(model) and result.heads == 0
+
+
+def test_non_constant_weight_is_reported():
+    layers = _layers("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[1,2,2,2] x, float[3,8] w) => (float[1,3] y) {
+          f = Flatten(x)
+          y = Gemm <transB=1> (f, w)
+        }""")
+    assert not layers[0].converted and "is not a constant" in layers[0].reason
+
+
+def test_fc_on_a_plain_vector_is_reported():
+    layers = _layers("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,8] x) => (float[N,3] y) {
+          y = Gemm <transB=1> (x, w)
+        }""", w=np.ones((3, 8), np.float32))
+    assert not layers[0].converted
+    assert layers[0].reason == "its input comes from graph input 'x' of shape ['N', 8], not from a flattened spatial feature map"
+
+
+def test_batched_matmul_is_reported():
+    layers = _layers("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,4,8] x) => (float[N,4,3] y) {
+          y = MatMul(x, w)
+        }""", w=np.ones((8, 3), np.float32))
+    assert not layers[0].converted and "rank 3" in layers[0].reason
+
+
+def test_reshape_that_folds_batch_is_reported():
+    layers = _layers("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,2,2,2] x) => (float[1,3] y) {
+          f = Reshape(x, s)
+          y = Gemm <transB=1> (f, w)
+        }""", s=np.array([1, -1], np.int64), w=np.ones((3, 8), np.float32))
+    assert not layers[0].converted and "folds the batch axis" in layers[0].reason
+
+
+def test_k_mismatch_is_an_error():
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,2,3,3] x) => (float[N,4] y) {
+          f = Flatten(x)
+          y = Gemm <transB=1> (f, w)
+        }""", w=np.ones((4, 20), np.float32))
+    with pytest.raises(Fc2ConvError, match="K=20.*2\\*3\\*3 = 18"):
+        convert(model)
+
+
+def test_symbolic_spatial_dims_ask_for_input_shape():
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,2,H,W] x) => (float[N,4] y) {
+          f = Flatten(x)
+          y = Gemm <transB=1> (f, w)
+        }""", w=np.ones((4, 18), np.float32))
+    with pytest.raises(Fc2ConvError, match=r"--input-shape x=1,2,<H>,<W>"):
+        convert(model)
+    result = convert(model, input_shapes=["x=2,2,3,3"])
+    assert ops(result.model) == ["Conv", "Flatten"]
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 2, 3, 3)).astype(np.float32)}
+    np.testing.assert_allclose(run(result.model, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_to_convert_returns_the_model_unchanged():
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,2,3,3] x) => (float[N,2,3,3] y) {
+          y = Relu(x)
+        }""")
+    result = convert(model)
+    assert result.heads == 0 and result.layers == []
+    assert result.model.SerializeToString() == model.SerializeToString()
+
+
+def test_chain_stops_at_a_branch():
+    """An FC output read twice ends the chain: both readers see [N, M]."""
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,2,3,3] x) => (float[N,4] y, float[N,4] z) {
+          f = Flatten(x)
+          h = Gemm <transB=1> (f, w)
+          y = Relu(h)
+          z = Sigmoid(h)
+        }""", w=np.random.default_rng(1).standard_normal((4, 18)).astype(np.float32))
+    result = assert_converts(model, convs=1)
+    assert ops(result.model) == ["Conv", "Flatten", "Relu", "Sigmoid"]
+
+
+def test_input_shape_naming_no_input_is_an_error():
+    with pytest.raises(Fc2ConvError, match="not an input of the model; its inputs are: x"):
+        convert(head_model(), input_shapes=["nope=1,2,3"])
+    with pytest.raises(Fc2ConvError, match="does not parse"):
+        convert(head_model(), input_shapes=["x=1,a"])
+    with pytest.raises(Fc2ConvError, match="has rank 2, but input 'x' has rank 4"):
+        convert(head_model(), input_shapes=["x=1,2"])
