@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from . import find, load as load_mod, plan as plan_mod, rewrite, shapes as shapes_mod, verify
+from . import dense as dense_mod, find, load as load_mod, plan as plan_mod, rewrite, shapes as shapes_mod, verify
 from .errors import Fc2ConvError
 from .find import Layer
 
@@ -24,6 +24,7 @@ class ConversionResult:
     dense: bool = False
     source: str | None = None
     input_shapes: dict = field(default_factory=dict)
+    geometry: list = field(default_factory=list)   # dense mode: one entry per head
 
     @property
     def converted(self) -> int:
@@ -36,18 +37,22 @@ class ConversionResult:
     def to_dict(self) -> dict:
         return {"source": self.source, "mode": "dense" if self.dense else "keep", "heads": self.heads,
                 "fc_layers": len(self.layers), "converted": self.converted,
-                "layers": [layer.to_dict() for layer in self.layers]}
+                "layers": [layer.to_dict() for layer in self.layers], "geometry": self.geometry}
 
 
 @dataclass
 class InspectResult:
     layers: list[Layer]
     source: str | None = None
+    geometry: list = field(default_factory=list)   # per head, if the model can be made dense
+    dense_reason: str | None = None                # why it cannot, if not
 
     def to_dict(self) -> dict:
         return {"source": self.source, "fc_layers": len(self.layers),
                 "convertible": sum(1 for layer in self.layers if layer.converted),
-                "layers": [layer.to_dict() for layer in self.layers]}
+                "layers": [layer.to_dict() for layer in self.layers],
+                "dense": {"possible": self.dense_reason is None and bool(self.geometry),
+                          "reason": self.dense_reason, "geometry": self.geometry}}
 
 
 def _overrides(input_shapes) -> dict[str, list[int]]:
@@ -60,57 +65,66 @@ def _overrides(input_shapes) -> dict[str, list[int]]:
     return shapes_mod.parse_input_shapes(list(input_shapes))
 
 
-def _analyse(model: onnx.ModelProto, overrides):
-    shapes_mod.validate_overrides(model, overrides)
-    infos = shapes_mod.infer(model, overrides)
-    return find.find_heads(model, infos)
-
-
 def convert(model, dense: bool = False, input_shapes=None) -> ConversionResult:
     """Convert every convertible FC head of ``model`` into convolutions.
 
     Args:
         model: a path to an .onnx file, or an ``onnx.ModelProto`` (copied,
             never mutated).
-        dense: make the model fully convolutional (score maps); not yet
-            available.
+        dense: make the model fully convolutional: each head output becomes a
+            score map ``[N, classes, *spatial]`` (see dense.py).
         input_shapes: ``{"input": [1, 3, 224, 224]}`` or ``["input=1,3,224,224"]``,
             to fix symbolic input dims for shape inference.
 
     Raises:
         Fc2ConvError: the model or an option is unusable (the message says why).
     """
-    if dense:
-        raise Fc2ConvError("dense mode is not available in this version; convert in keep mode (without --dense)")
     overrides = _overrides(input_shapes)
     loaded = load_mod.load(model)
-    heads, layers = _analyse(loaded.model, overrides)
-    plans = plan_mod.plan_heads(loaded.model, heads)
+    shapes_mod.validate_overrides(loaded.model, overrides)
+    infos = shapes_mod.infer(loaded.model, overrides)
+    heads, layers = find.find_heads(loaded.model, infos)
+    dense_plan = dense_mod.analyse(loaded.model, infos, heads, layers, overrides) if dense and heads else None
+    plans = plan_mod.plan_heads(loaded.model, heads, dense_plan, infos)
     rewrite.apply(loaded.model, plans)
+    if dense_plan is not None:
+        dense_mod.finish(loaded.model, dense_plan)
     log.info("converted %d of %d FC layers in %d head(s)", sum(l.converted for l in layers), len(layers), len(heads))
     return ConversionResult(loaded.model, layers, len(heads), dense, str(loaded.path) if loaded.path else None,
-                            overrides)
+                            overrides, [h.geometry_dict() for h in dense_plan.heads] if dense_plan else [])
 
 
 def inspect(model, input_shapes=None) -> InspectResult:
     """List every FC layer: what it consumes and what it would become, or why not."""
     overrides = _overrides(input_shapes)
     loaded = load_mod.load(model)
-    _, layers = _analyse(loaded.model, overrides)
-    return InspectResult(layers, str(loaded.path) if loaded.path else None)
+    shapes_mod.validate_overrides(loaded.model, overrides)
+    infos = shapes_mod.infer(loaded.model, overrides)
+    heads, layers = find.find_heads(loaded.model, infos)
+    geometry, reason = [], None
+    if heads:
+        try:
+            plan = dense_mod.analyse(loaded.model, infos, heads, layers, overrides)
+            geometry = [h.geometry_dict() for h in plan.heads]
+        except Fc2ConvError as exc:
+            reason = str(exc)
+    return InspectResult(layers, str(loaded.path) if loaded.path else None, geometry, reason)
 
 
 def check(original, converted, provider: str = "cpu", dense: bool = False, inputs=None, atol=None, rtol=None,
           input_shapes=None, runs: int = 3, seed: int = 0) -> verify.CheckReport:
     """Run ``original`` and ``converted`` (paths or ModelProtos) in onnxruntime
     and compare every output. The report is truthy when all outputs pass."""
-    if dense:
-        raise Fc2ConvError("dense checks are not available in this version")
     overrides = _overrides(input_shapes)
     orig = load_mod.load(original, check=False)
     conv = load_mod.load(converted, check=False)
     if overrides:
         shapes_mod.validate_overrides(orig.model, overrides)
+    if dense:
+        from .windows import check_dense
+
+        return check_dense(orig.model, conv.path or conv.model, provider=provider, atol=atol, rtol=rtol,
+                           input_shapes=overrides, seed=seed)
     return verify.check_models(orig.path or orig.model, conv.path or conv.model,
                                provider=provider, inputs=inputs, atol=atol, rtol=rtol,
                                input_shapes=overrides, runs=runs, seed=seed,

@@ -123,10 +123,20 @@ def _cmd_convert(args, out) -> int:
         out("nothing to convert: the output is the unchanged model")
     payload = {"input": args.input, "output": args.output, "conversion": result.to_dict(), "check": None}
     code = 0
-    if args.check:
+    for line in _geometry_lines(result.geometry):
+        out(line)
+    if args.check and args.dense:
+        if args.inputs:
+            raise Fc2ConvError("--inputs is not used by the dense check, which makes its own larger inputs")
+        from .windows import check_dense
+
+        report = check_dense(_proto_of(args.input), result.model, provider=args.provider, atol=args.atol,
+                             rtol=args.rtol, input_shapes=result.input_shapes)
+    elif args.check:
         report = verify.check_models(args.input, result.model, provider=args.provider, inputs=args.inputs,
                                      atol=args.atol, rtol=args.rtol, input_shapes=result.input_shapes,
                                      original_proto=_proto_of(args.input))
+    if args.check:
         for line in report.lines():
             out(line)
         payload["check"] = report.to_dict()
@@ -145,6 +155,20 @@ def _cmd_convert(args, out) -> int:
     return code
 
 
+def _geometry_lines(geometry) -> list[str]:
+    lines = []
+    for i, g in enumerate(geometry):
+        axes = g["axes"]
+        fmt = lambda key: "x".join(str(a[key]) for a in axes)  # noqa: E731
+        lines.append(f"dense head {i} -> {', '.join(g['outputs'])}: window {fmt('window')} of {g['window_source']!r}; "
+                     f"in input pixels: stride {fmt('stride')}, receptive field {fmt('receptive_field')}, "
+                     f"offset {fmt('offset')}" + (" (trunk pads)" if g["padded"] else ""))
+    if geometry:
+        lines.append("  position p along an axis covers input pixels [offset + p*stride, offset + p*stride + "
+                     "receptive field - 1]")
+    return lines
+
+
 def _proto_of(path):
     from .load import load
     return load(path, check=False).model
@@ -158,6 +182,10 @@ def _cmd_inspect(args, out) -> int:
     out(_summary(args.input, result.layers))
     for line in _layer_table(result.layers):
         out(line)
+    for line in _geometry_lines(result.geometry):
+        out(line)
+    if result.dense_reason:
+        out(f"dense mode: not possible: {result.dense_reason}")
     return 0
 
 

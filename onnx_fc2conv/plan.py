@@ -44,23 +44,36 @@ class Namer:
         return name
 
 
-def plan_heads(model: onnx.ModelProto, heads: list[Head]) -> list[HeadPlan]:
+def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=None) -> list[HeadPlan]:
+    """Plans for keep mode, or for dense mode when ``dense`` (a
+    ``dense.DensePlan`` for the same heads) is given."""
     idx = GraphIndex(model)
     namer = Namer(model.graph)
     kernel_cache: dict[tuple, str] = {}
     plans = []
-    for head in heads:
-        plans.append(_plan_head(idx, namer, head, kernel_cache))
+    for i, head in enumerate(heads):
+        plans.append(_plan_head(idx, namer, head, kernel_cache, dense.heads[i] if dense else None, shapes))
     return plans
 
 
-def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict) -> HeadPlan:
+def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh=None, shapes=None) -> HeadPlan:
+    """Keep mode: new tensors get fresh names and one Flatten writes the
+    head's last original tensor. Dense mode (``dh``): the new nodes write
+    the original tensor names, which now hold maps, through to the outputs."""
     col = head.collapse
     spatial = head.spatial_rank
     nodes: list[onnx.NodeProto] = []
     inits: list[tuple[str, np.ndarray]] = []
+    removed = set()
     x = col.source
-    if col.unsqueeze:
+    if dh is not None and dh.pool is not None:
+        out = namer(f"{x}_map") if col.unsqueeze else x
+        attrs = {"kernel_shape": list(dh.window), "strides": [1] * len(dh.window)}
+        nodes.append(helper.make_node(dh.pool_op, [dh.source], [out], name=dh.pool.name or namer("window_pool"),
+                                      **attrs))
+        removed.add(id(dh.pool))
+        x = out
+    elif col.unsqueeze:
         out = namer(f"{x}_map")
         axes = list(range(2, 2 + col.unsqueeze))
         if idx.opset >= 13:
@@ -90,13 +103,16 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict) ->
                     bname = namer(f"{item.bias}_conv")
                     inits.append((bname, b.astype(w.dtype, copy=False)))
                     conv_inputs.append(bname)
-            out = namer(f"{item.output}_conv")
+            out = item.output if dh is not None else namer(f"{item.output}_conv")
             nodes.append(helper.make_node("Conv", conv_inputs, [out], name=item.nodes[0].name or namer(item.name),
                                           kernel_shape=list(fshape[1:])))
             x = out
             first = False
         else:
             if item.identity:
+                if dh is not None:
+                    nodes.append(helper.make_node("Identity", [x], [item.node.output[0]], name=item.node.name))
+                    x = item.node.output[0]
                 continue
             node = onnx.NodeProto()
             node.CopyFrom(item.node)
@@ -105,13 +121,22 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict) ->
                 cname = namer(f"{node.input[index]}_conv")
                 inits.append((cname, value))
                 node.input[index] = cname
-            out = namer(f"{item.node.output[0]}_conv")
+            out = item.node.output[0] if dh is not None else namer(f"{item.node.output[0]}_conv")
             del node.output[1:]
             node.output[0] = out
             nodes.append(node)
             x = out
-    nodes.append(helper.make_node("Flatten", [x], [head.end], name=namer(f"{head.end}_flatten"), axis=1))
-    removed = set()
+    if dh is None:
+        nodes.append(helper.make_node("Flatten", [x], [head.end], name=namer(f"{head.end}_flatten"), axis=1))
+    else:
+        from .dense import plan_tail
+
+        m = head.fcs[-1].m
+        for node in dh.tail:
+            new_nodes, new_inits = plan_tail(idx, node, spatial, m, namer, shapes)
+            nodes.extend(new_nodes)
+            inits.extend(new_inits)
+            removed.add(id(node))
     for item in head.items:
         for n in (item.nodes if isinstance(item, FC) else (item.node,)):
             removed.add(id(n))

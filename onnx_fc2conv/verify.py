@@ -82,14 +82,16 @@ class CheckReport:
     def __bool__(self) -> bool:
         return self.ok
 
+    mode: str = "keep"
+
     def lines(self) -> list[str]:
-        head = (f"check ({self.provider}, {self.runs} run{'s' if self.runs != 1 else ''}, inputs "
+        head = (f"check{' dense' if self.mode == 'dense' else ''} ({self.provider}, {self.runs} run{'s' if self.runs != 1 else ''}, inputs "
                 + ", ".join(f"{k} [{','.join(map(str, v))}]" for k, v in self.input_shapes.items()) + "): "
                 + ("PASSED" if self.ok else "FAILED"))
         return [head] + ["  " + o.line() for o in self.outputs] + ["  " + e for e in self.errors]
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "provider": self.provider, "runs": self.runs, "input_shapes": self.input_shapes,
+        return {"ok": self.ok, "mode": self.mode, "provider": self.provider, "runs": self.runs, "input_shapes": self.input_shapes,
                 "outputs": [o.to_dict() for o in self.outputs], "errors": list(self.errors)}
 
 

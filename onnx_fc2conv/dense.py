@@ -1,0 +1,315 @@
+"""Dense mode: make a classifier fully convolutional.
+
+For each head, with ``T`` the trunk's map the head reads (the input of a
+global pool, else the collapsed map ``F``) and ``(h, w)`` its size at the
+model's native input size::
+
+    dense[:, :, i, j] == head(T[:, :, i:i+h, j:j+w])
+
+A global pool (GlobalAveragePool/GlobalMaxPool, ReduceMean/ReduceMax over the
+spatial axes, an AveragePool/MaxPool covering the map) becomes a pool with
+kernel ``(h, w)`` and stride 1; the first FC a Conv with kernel ``(h, w)``
+(``1x1`` after a pool); later FCs 1x1 Convs. What follows the FCs up to the
+graph outputs must act per position: Softmax/LogSoftmax/Hardmax/ArgMax/ArgMin
+act on the class axis (axis 1); below opset 13, where Softmax flattens
+everything after its axis, it is wrapped in Transposes that make the class
+axis last. The image input's spatial dims become symbolic.
+
+This module decides (and refuses, naming the node); plan.py and rewrite.py
+carry it out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from . import kernels
+from .errors import Fc2ConvError
+from .find import BINARY, GLOBAL_POOLS, REDUCES, UNARY, Head, Layer
+from .geometry import Axis, Tracer
+from .graph import GraphIndex, attr, node_label
+from .shapes import TensorInfo
+
+CLASS_AXIS_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin"})
+NOOP_RESHAPES = frozenset({"Flatten", "Reshape", "Squeeze", "Identity"})
+AXIS_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
+
+
+@dataclass(frozen=True)
+class DenseHead:
+    head: Head
+    source: str                      # T: the trunk map whose windows the head sees
+    window: tuple                    # T's native spatial size
+    pool: onnx.NodeProto | None      # node turned into a windowed pool, if any
+    pool_op: str | None              # "AveragePool" or "MaxPool"
+    tail: tuple                      # nodes between the last chain op and the outputs
+    outputs: tuple                   # graph outputs this head writes
+    geometry: tuple                  # one Axis per spatial axis of the score map
+
+    def geometry_dict(self) -> dict:
+        axes = []
+        for a, h in zip(self.geometry, self.window):
+            d = a.to_dict()
+            d["receptive_field"] = a.receptive_field + (h - 1) * a.stride
+            d["window"] = h
+            axes.append(d)
+        return {"outputs": list(self.outputs), "window_source": self.source, "window": list(self.window),
+                "axes": axes, "padded": any(a.padded for a in self.geometry),
+                "box": "position p along an axis covers input pixels [offset + p*stride, "
+                       "offset + p*stride + receptive_field - 1]"}
+
+
+@dataclass
+class DensePlan:
+    heads: list[DenseHead]
+    image_inputs: dict = field(default_factory=dict)   # input name -> spatial axes
+    native: dict = field(default_factory=dict)         # input name -> native shape
+
+
+def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[Head], layers: list[Layer],
+            overrides: dict) -> DensePlan:
+    idx = GraphIndex(model)
+    for layer in layers:
+        if not layer.converted:
+            raise Fc2ConvError(f"FC {layer.name!r} is not converted ({layer.reason}); dense mode needs every FC "
+                               "to become a convolution")
+    tracer = Tracer(idx, shapes)
+    out = DensePlan([])
+    for head in heads:
+        dh = _analyse_head(idx, shapes, tracer, head)
+        out.heads.append(dh)
+        for a in dh.geometry:
+            out.image_inputs.setdefault(a.input, set()).add(a.input_axis)
+    for name, axes in out.image_inputs.items():
+        info = shapes.get(name)
+        native = overrides.get(name) or (list(info.shape) if info and info.shape else None)
+        if native is None or not all(isinstance(native[a], int) for a in axes):
+            raise Fc2ConvError(f"the native size of input {name!r} is not known; give it with --input-shape")
+        out.native[name] = native
+    return out
+
+
+def _shape(shapes, name):
+    info = shapes.get(name)
+    return None if info is None else info.shape
+
+
+def _analyse_head(idx: GraphIndex, shapes, tracer: Tracer, head: Head) -> DenseHead:
+    col = head.collapse
+    f = col.source
+    producer = idx.producer.get(f)
+    pool, pool_op, source = None, None, f
+    if producer is not None:
+        op = producer.op_type
+        label = f"{op} {node_label(producer)!r}"
+        is_global = op in GLOBAL_POOLS or (op in REDUCES and (col.unsqueeze or _reduces_spatial(idx, shapes, producer)))
+        covering = op in ("AveragePool", "MaxPool") and all(d == 1 for d in col.feature_shape[1:])
+        if is_global or covering:
+            if op in ("GlobalAveragePool", "ReduceMean", "AveragePool"):
+                pool_op = "AveragePool"
+            elif op in ("GlobalMaxPool", "ReduceMax", "MaxPool"):
+                pool_op = "MaxPool"
+            else:
+                raise Fc2ConvError(f"{label} before FC {head.items[0].name!r} has no windowed pool equivalent; "
+                                   "the model cannot be made dense")
+            source = producer.input[0]
+            tshape = _shape(shapes, source)
+            if tshape is None or not all(isinstance(d, int) for d in tshape[2:]):
+                raise Fc2ConvError(f"the map {source!r} that {label} pools has an unknown size; give --input-shape")
+            if covering:
+                pads = attr(producer, "pads", None) or []
+                kernel = list(attr(producer, "kernel_shape"))
+                if any(pads) or kernel != list(tshape[2:]):
+                    raise Fc2ConvError(f"{label} does not cover its whole map without padding; "
+                                       "the model cannot be made dense")
+            pool = producer
+    window = tuple(int(d) for d in _shape(shapes, source)[2:])
+    geo = tracer.geo(source)
+    axes = []
+    for axis in range(2, 2 + len(window)):
+        if axis not in geo:
+            raise Fc2ConvError(f"cannot trace spatial axis {axis} of {source!r} back to an input; "
+                               "the model cannot be made dense")
+        axes.append(geo[axis])
+    tail, outputs = _tail(idx, head)
+    return DenseHead(head, source, window, pool, pool_op, tuple(tail), tuple(outputs), tuple(axes))
+
+
+def _reduces_spatial(idx, shapes, node) -> bool:
+    ishape = _shape(shapes, node.input[0])
+    if ishape is None or len(ishape) < 3:
+        return False
+    axes = attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        v = idx.value(node.input[1])
+        axes = None if v is None else [int(x) for x in v.reshape(-1)]
+    rank = len(ishape)
+    return bool(axes) and sorted(a % rank for a in axes) == list(range(2, rank))
+
+
+def _tail(idx: GraphIndex, head: Head):
+    """Nodes from the head's end to the graph outputs; each must act per position."""
+    tail, outputs = [], []
+    frontier = [head.end]
+    seen = set()
+    while frontier:
+        t = frontier.pop(0)
+        if t in seen:
+            continue
+        seen.add(t)
+        if t in idx.outputs:
+            outputs.append(t)
+        if t in idx.sub_reads:
+            raise Fc2ConvError(f"the head output {t!r} is read inside a subgraph; the model cannot be made dense")
+        for node in idx.consumers.get(t, ()):
+            if node in tail:
+                continue
+            reason = _tail_reason(idx, node, t)
+            if reason:
+                raise Fc2ConvError(f"{node.op_type} {node_label(node)!r} after the head {reason}, "
+                                   "so the model cannot be made dense")
+            tail.append(node)
+            frontier.extend(o for o in node.output if o)
+    if not outputs:
+        raise Fc2ConvError(f"the head ending at {head.end!r} reaches no graph output")
+    order = {id(n): i for i, n in enumerate(idx.graph.node)}
+    tail.sort(key=lambda n: order[id(n)])
+    return tail, outputs
+
+
+def _tail_reason(idx, node, t) -> str | None:
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        return f"is a custom op (domain {node.domain!r})"
+    if op in CLASS_AXIS_OPS:
+        axis = attr(node, "axis", None)
+        default = 1 if op in ("Softmax", "LogSoftmax", "Hardmax") and idx.opset < 13 else (-1 if op in ("Softmax", "LogSoftmax", "Hardmax") else 0)
+        axis = default if axis is None else axis
+        if axis not in (1, -1):
+            return f"acts along axis {axis}, not the class axis"
+        return None
+    if op in NOOP_RESHAPES:
+        return None  # verified to be a no-op on [N, M] when planned
+    if op in UNARY and op not in ("PRelu",):
+        return None
+    if op in BINARY or op == "PRelu":
+        others = [i for i in node.input if i and i != t]
+        if all(idx.value(i) is not None for i in others):
+            return None
+        return "combines the scores with another tensor"
+    if op in ("Cast",):
+        return None
+    return "is not a per-position op"
+
+
+def plan_tail(idx: GraphIndex, node: onnx.NodeProto, spatial: int, m: int, namer, shapes) -> tuple[list, list]:
+    """The dense form of one tail node: (nodes, initializers)."""
+    op = node.op_type
+    rank_in = len(_shape(shapes, node.input[0]) or ()) or 2
+    if op in NOOP_RESHAPES:
+        ishape, oshape = _shape(shapes, node.input[0]), _shape(shapes, node.output[0])
+        if ishape is None or oshape is None or list(ishape) != list(oshape):
+            raise Fc2ConvError(f"{op} {node_label(node)!r} after the head changes the shape "
+                               f"{list(ishape or [])} -> {list(oshape or [])}; the model cannot be made dense")
+        return [helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name)], []
+    if op in CLASS_AXIS_OPS:
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        for a in list(new.attribute):
+            if a.name == "axis":
+                new.attribute.remove(a)
+        if op in ("Softmax", "LogSoftmax", "Hardmax") and idx.opset < 13:
+            rank = rank_in + spatial
+            to_last = [0] + list(range(2, rank)) + [1]
+            back = [0, rank - 1] + list(range(1, rank - 1))
+            t1, t2 = namer(f"{node.output[0]}_classlast"), namer(f"{node.output[0]}_sm")
+            new.input[0] = t1
+            new.output[0] = t2
+            new.attribute.append(helper.make_attribute("axis", rank - 1))
+            return [helper.make_node("Transpose", [node.input[0]], [t1], name=namer(f"{node.name}_to_last"), perm=to_last),
+                    new,
+                    helper.make_node("Transpose", [t2], [node.output[0]], name=namer(f"{node.name}_back"), perm=back)], []
+        new.attribute.append(helper.make_attribute("axis", 1))
+        return [new], []
+    new = onnx.NodeProto()
+    new.CopyFrom(node)
+    inits = []
+    if op in BINARY or op == "PRelu":
+        for i, inp in enumerate(node.input):
+            v = idx.value(inp) if inp and inp not in () else None
+            if v is None or i == 0 and op == "PRelu":
+                continue
+            if idx.producer.get(inp) is None and inp not in idx.initializers:
+                continue
+            try:
+                reshaped = kernels.per_feature(v, m, spatial)
+            except kernels.NotPerFeature:
+                raise Fc2ConvError(f"{op} {node_label(node)!r} after the head uses a constant of shape "
+                                   f"{list(v.shape)} that is not per class; the model cannot be made dense") from None
+            if reshaped is not v:
+                name = namer(f"{inp}_dense")
+                inits.append((name, reshaped))
+                new.input[i] = name
+    return [new], inits
+
+
+def symbolic_inputs(model: onnx.ModelProto, plan: DensePlan) -> None:
+    """Make the image inputs' spatial dims symbolic, in place."""
+    for inp in model.graph.input:
+        axes = plan.image_inputs.get(inp.name)
+        if not axes:
+            continue
+        names = AXIS_NAMES.get(len(axes), tuple(f"s{i}" for i in range(len(axes))))
+        dims = inp.type.tensor_type.shape.dim
+        for name, axis in zip(names, sorted(axes)):
+            dims[axis].Clear()
+            dims[axis].dim_param = name if len(plan.image_inputs) == 1 else f"{inp.name}_{name}"
+
+
+def window_sizes(plan: DensePlan, extra: int = 2) -> list[dict]:
+    """Input sizes for the window check: native + ``extra`` strides on every
+    spatial axis, and a non-square one (+1 and +3 strides)."""
+    sizes = []
+    for steps in ([extra] * 3, [1, 3, 2]):
+        shape = {}
+        for name, native in plan.native.items():
+            dims = list(native)
+            for j, axis in enumerate(sorted(plan.image_inputs[name])):
+                stride = max(a.stride for h in plan.heads for a in h.geometry
+                             if a.input == name and a.input_axis == axis)
+                dims[axis] = native[axis] + steps[j % len(steps)] * stride
+            shape[name] = dims
+        if shape not in sizes:
+            sizes.append(shape)
+    return sizes
+
+
+def finish(model: onnx.ModelProto, plan: DensePlan) -> None:
+    """After the rewrite: symbolic spatial input dims, no stale value_info,
+    and output types inferred afresh (``[N, classes, H', W']``)."""
+    from . import shapes as shapes_mod
+
+    symbolic_inputs(model, plan)
+    del model.graph.value_info[:]
+    head_outputs = {o for h in plan.heads for o in h.outputs}
+    for o in model.graph.output:
+        if o.name in head_outputs:
+            o.type.tensor_type.ClearField("shape")
+    infos = shapes_mod.infer(model)
+    for o in model.graph.output:
+        info = infos.get(o.name)
+        if o.name not in head_outputs or info is None or info.shape is None:
+            continue
+        shape = o.type.tensor_type.shape
+        for i, d in enumerate(info.shape):
+            dim = shape.dim.add()
+            if isinstance(d, int):
+                dim.dim_value = d
+            elif isinstance(d, str) and d and not d.startswith("unk__"):
+                dim.dim_param = d
+            elif i >= len(info.shape) - len(plan.heads[0].window):
+                dim.dim_param = f"{o.name}_{AXIS_NAMES.get(len(plan.heads[0].window), ('s',) * 3)[i - (len(info.shape) - len(plan.heads[0].window))]}"

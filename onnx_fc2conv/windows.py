@@ -1,0 +1,213 @@
+"""The dense-mode check: prove the window property against the ORIGINAL model.
+
+For each head, with ``T`` the trunk map the head reads and ``(h, w)`` its
+native size, the original model is cut in two and both halves run in
+onnxruntime: the trunk (input -> T, with symbolic spatial dims) on a larger
+input, and the head (T -> outputs) on each window ``T[:, :, i:i+h, j:j+w]``.
+Each window's head output must equal ``dense[..., i, j]``. Larger inputs are
+the native size + 2 strides per spatial axis and a non-square size; all
+positions are checked on small maps, a seeded sample on large ones. At the
+native size the dense map is 1x1 and must equal the original output.
+
+When no op of the trunk pads (offset 0), the windows are also pixel crops:
+``dense[..., i, j]`` must equal the original run on
+``x[..., i*s : i*s + H, j*s : j*s + W]``. With zero padding the two
+legitimately differ (a crop sees zeros where the big image has pixels).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from . import dense as dense_mod, find, shapes as shapes_mod
+from .errors import Fc2ConvError
+from .verify import CheckReport, OutputReport, _merge, compare, random_inputs, session
+
+MAX_POSITIONS = 48
+
+
+def _cone(model: onnx.ModelProto, outputs, stop) -> list[onnx.NodeProto]:
+    producer = {o: n for n in model.graph.node for o in n.output}
+    keep, stack, seen = set(), list(outputs), set()
+    while stack:
+        t = stack.pop()
+        if t in seen or t in stop:
+            continue
+        seen.add(t)
+        n = producer.get(t)
+        if n is None or id(n) in keep:
+            continue
+        keep.add(id(n))
+        stack.extend(i for i in n.input if i)
+    return [n for n in model.graph.node if id(n) in keep]
+
+
+def _submodel(model: onnx.ModelProto, nodes, inputs: list, outputs: list) -> onnx.ModelProto:
+    read = {i for n in nodes for i in n.input if i}
+    inits = [t for t in model.graph.initializer if t.name in read]
+    graph = helper.make_graph(nodes, "part", inputs, outputs, inits)
+    sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=max(model.ir_version, 4))
+    sub.functions.extend(model.functions)
+    return sub
+
+
+def _vi(name, elem, dims):
+    return helper.make_tensor_value_info(name, elem, dims)
+
+
+def check_dense(original: onnx.ModelProto, converted, *, provider="cpu", atol=None, rtol=None,
+                input_shapes=None, seed: int = 0, batch: int = 2) -> CheckReport:
+    overrides = input_shapes or {}
+    infos = shapes_mod.infer(original, overrides)
+    heads, layers = find.find_heads(original, infos)
+    if not heads:
+        raise Fc2ConvError("the original model has no FC head, so there is nothing to check in dense mode")
+    plan = dense_mod.analyse(original, infos, heads, layers, overrides)
+    out_types = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
+    in_infos = shapes_mod.input_infos(original)
+    s_orig = session(original, provider)
+    s_dense = session(converted, provider)
+    errors: list[str] = []
+    reports: dict[str, list[OutputReport]] = {}
+    rng = np.random.default_rng(seed)
+
+    def concrete(name, dims_override=None):
+        info = in_infos[name]
+        dims = list(dims_override or plan.native.get(name) or info.shape)
+        return [batch if (i == 0 and not isinstance(info.shape[0], int)) else
+                (info.shape[0] if i == 0 else int(d)) for i, d in enumerate(dims)]
+
+    def add(label, e, a, elem):
+        reports.setdefault(label, []).append(compare(label, e, a, elem, atol, rtol))
+
+    # 1. native size: the map is 1x1 and equals the original output
+    native_shapes = {n: concrete(n) for n in in_infos}
+    feeds = random_inputs(original, native_shapes, seed)
+    expected = dict(zip([o.name for o in s_orig.get_outputs()], s_orig.run(None, feeds)))
+    got = dict(zip([o.name for o in s_dense.get_outputs()], s_dense.run(None, feeds)))
+    for name, e in expected.items():
+        if name not in got:
+            errors.append(f"output {name!r} is missing from the dense model")
+            continue
+        a = got[name]
+        if a.size != e.size:
+            errors.append(f"output {name!r}: at the native size the dense output has shape {list(a.shape)}, "
+                          f"expected {list(e.shape)} with 1x1 maps")
+            continue
+        add(f"{name} @native", e, a.reshape(e.shape), out_types.get(name, 0))
+
+    # 2. windows on larger inputs, against the original's trunk and head
+    trunk_outputs = sorted({h.source for h in plan.heads})
+    trunk_inputs = []
+    for name in in_infos:
+        dims = list(in_infos[name].shape)
+        for axis in plan.image_inputs.get(name, ()):
+            dims[axis] = f"s{axis}"
+        trunk_inputs.append(_vi(name, in_infos[name].elem_type, dims))
+    elem_of = {t: infos[t].elem_type for t in trunk_outputs}
+    trunk = _submodel(original, _cone(original, trunk_outputs, set()), trunk_inputs,
+                      [_vi(t, elem_of[t], None) for t in trunk_outputs])
+    s_trunk = session(trunk, provider)
+    head_models = []
+    for h in plan.heads:
+        nodes = _cone(original, list(h.outputs), {h.source})
+        read = {i for n in nodes for i in n.input}
+        tshape = list(infos[h.source].shape)
+        free_batch = not isinstance(tshape[0], int)
+        inputs = [_vi(h.source, elem_of[h.source], ["B" if free_batch else tshape[0]] + tshape[1:])]
+        extra = [n for n in in_infos if n in read]
+        inputs += [_vi(n, in_infos[n].elem_type, list(in_infos[n].shape)) for n in extra]
+        outs = [_vi(o, out_types[o], None) for o in h.outputs]
+        head_models.append((h, session(_submodel(original, nodes, inputs, outs), provider), free_batch, extra))
+
+    sizes = dense_mod.window_sizes(plan)
+    no_padding = all(not a.padded and a.offset == 0 for h in plan.heads for a in h.geometry)
+    for size in sizes:
+        shapes = {n: concrete(n, size.get(n)) for n in in_infos}
+        feeds = random_inputs(original, shapes, int(rng.integers(1 << 30)))
+        dense_out = dict(zip([o.name for o in s_dense.get_outputs()], s_dense.run(None, feeds)))
+        t_out = dict(zip(trunk_outputs, s_trunk.run(None, feeds)))
+        size_label = "x".join(str(d) for n in plan.image_inputs for d in
+                              [shapes[n][a] for a in sorted(plan.image_inputs[n])])
+        for h, s_head, free_batch, extra in head_models:
+            t = t_out[h.source]
+            win = h.window
+            grid = [t.shape[2 + k] - win[k] + 1 for k in range(len(win))]
+            if any(g < 1 for g in grid):
+                errors.append(f"the map {h.source!r} is smaller than the window at input size {size_label}")
+                continue
+            positions = list(itertools.product(*[range(g) for g in grid]))
+            if len(positions) > MAX_POSITIONS:
+                picks = rng.choice(len(positions), MAX_POSITIONS, replace=False)
+                positions = [positions[i] for i in sorted(picks)]
+            for o in h.outputs:
+                d = dense_out[o]
+                if list(d.shape[-len(win):]) != grid:
+                    errors.append(f"output {o!r} at input size {size_label}: map {list(d.shape[-len(win):])}, "
+                                  f"expected {grid}")
+            windows = [t[(slice(None), slice(None)) + tuple(slice(p, p + w) for p, w in zip(pos, win))]
+                       for pos in positions]
+            results = _run_head(s_head, h, windows, free_batch, extra, in_infos, plan, t.shape[0])
+            for o_i, o in enumerate(h.outputs):
+                d = dense_out[o]
+                e = np.stack([r[o_i] for r in results])
+                a = np.stack([d[(Ellipsis,) + pos] for pos in positions])
+                add(f"{o} @{size_label} windows", e, a, out_types.get(o, 0))
+            if no_padding:
+                crops = _pixel_crops(s_orig, h, plan, feeds, positions, shapes, native_shapes)
+                if crops is not None:
+                    for o_i, o in enumerate(h.outputs):
+                        e = np.stack([c[o_i] for c in crops])
+                        a = np.stack([dense_out[o][(Ellipsis,) + pos] for pos in positions])
+                        add(f"{o} @{size_label} pixel crops", e, a, out_types.get(o, 0))
+    outputs = [_merge(v) for v in reports.values()]
+    ok = not errors and bool(outputs) and all(r.passed for r in outputs)
+    report = CheckReport(ok, provider, 1 + len(sizes), native_shapes, outputs, errors)
+    report.mode = "dense"
+    return report
+
+
+def _run_head(s_head, h, windows, free_batch, extra, in_infos, plan, batch):
+    names = [o.name for o in s_head.get_outputs()]
+    order = [names.index(o) for o in h.outputs]
+
+    def feeds_for(t):
+        f = {h.source: t}
+        for n in extra:
+            dims = [t.shape[0]] + list(plan.native.get(n, in_infos[n].shape))[1:]
+            f[n] = np.zeros(dims, dtype=helper.tensor_dtype_to_np_dtype(in_infos[n].elem_type))
+        return f
+
+    if free_batch:
+        stacked = np.concatenate(windows, axis=0)
+        outs = s_head.run(None, feeds_for(stacked))
+        return [[outs[k][i * batch:(i + 1) * batch] for k in order] for i in range(len(windows))]
+    results = []
+    for w in windows:
+        outs = s_head.run(None, feeds_for(np.ascontiguousarray(w)))
+        results.append([outs[k] for k in order])
+    return results
+
+
+def _pixel_crops(s_orig, h, plan, feeds, positions, shapes, native_shapes):
+    """Run the original on the pixel crop each position sees."""
+    results = []
+    names = [o.name for o in s_orig.get_outputs()]
+    order = [names.index(o) for o in h.outputs]
+    for pos in positions:
+        crop_feeds = dict(feeds)
+        for a, p in zip(h.geometry, pos):
+            x = crop_feeds[a.input]
+            native = native_shapes[a.input][a.input_axis]
+            start = a.offset + p * a.stride
+            idx = [slice(None)] * x.ndim
+            idx[a.input_axis] = slice(start, start + native)
+            crop_feeds[a.input] = x[tuple(idx)]
+        crop_feeds = {k: np.ascontiguousarray(v) for k, v in crop_feeds.items()}
+        outs = s_orig.run(None, crop_feeds)
+        results.append([outs[k] for k in order])
+    return results
