@@ -119,7 +119,7 @@ def check_dense(original: onnx.ModelProto, converted, *, provider="cpu", atol=No
         tshape = list(infos[h.source].shape)
         free_batch = not isinstance(tshape[0], int)
         inputs = [_vi(h.source, elem_of[h.source], ["B" if free_batch else tshape[0]] + tshape[1:])]
-        extra = [n for n in in_infos if n in read]
+        extra = [n for n in in_infos if n in read and n != h.source]
         inputs += [_vi(n, in_infos[n].elem_type, list(in_infos[n].shape)) for n in extra]
         outs = [_vi(o, out_types[o], None) for o in h.outputs]
         head_models.append((h, session(_submodel(original, nodes, inputs, outs), provider), free_batch, extra))

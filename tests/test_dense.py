@@ -1,0 +1,239 @@
+"""Dense mode: every head becomes a score map whose positions equal the
+original head on the trunk map's windows (proved by ``check(dense=True)``,
+which runs the ORIGINAL's trunk and head halves in onnxruntime), geometry
+against hand-computed values, and the refusals with their reasons."""
+
+import numpy as np
+import onnx
+import pytest
+
+from builders import head_model
+from helpers import assert_converts, ops, parse, run
+from onnx_fc2conv import Fc2ConvError, check, convert, inspect
+
+rng = np.random.default_rng(0)
+
+
+def w(*shape, scale=0.3):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def assert_dense(model, input_shapes=None, spatial=2):
+    result = convert(model, dense=True, input_shapes=input_shapes)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert not {"Gemm", "MatMul", "Flatten", "GlobalAveragePool", "GlobalMaxPool"} & set(ops(result.model))
+    report = check(model, result.model, dense=True, input_shapes=input_shapes)
+    assert report, "\n".join(report.lines())
+    labels = [o.name for o in report.outputs]
+    assert any("@native" in label for label in labels) and sum("windows" in label for label in labels) >= 1
+    for out in result.model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        assert len(dims) >= 2 + spatial - (1 if "argmax" in out.name else 0)
+    return result, report
+
+
+@pytest.mark.parametrize("feature_shape", [(4, 3, 3), (2, 5, 3), (3, 7), (2, 3, 4, 2)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("collapse", ["flatten", "reshape_shape_chain", "reshape_-1_K", "reshape_1_-1"])
+def test_dense_hand_built_heads(feature_shape, collapse):
+    batch = 1 if collapse == "reshape_1_-1" else "N"
+    model = head_model(feature_shape=feature_shape, collapse=collapse, batch=batch,
+                       chain=("Relu", "Dropout", "AddPerFeature"), softmax=True, fc="gemm_alpha_beta")
+    result, _ = assert_dense(model, spatial=len(feature_shape) - 1)
+    x = result.model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in x[2:]] == {1: ["length"], 2: ["height", "width"], 3: ["depth", "height", "width"]}[
+        len(feature_shape) - 1]
+    assert (x[0].dim_value == 1) if batch == 1 else (x[0].dim_param == "N")
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_softmax_every_opset_acts_on_the_class_axis(opset):
+    model = head_model(feature_shape=(3, 4, 4), opset=opset, softmax=True)
+    result, _ = assert_dense(model)
+    if opset < 13:
+        assert ops(result.model)[-3:] == ["Transpose", "Softmax", "Transpose"]
+
+
+POOL_HEADS = {
+    "GlobalAveragePool+Flatten": "p = GlobalAveragePool(f)\n f2 = Flatten(p)\n y = Gemm <transB=1> (f2, w, b)",
+    "GlobalMaxPool+Flatten": "p = GlobalMaxPool(f)\n f2 = Flatten(p)\n y = Gemm <transB=1> (f2, w, b)",
+    "ReduceMean(keepdims=0)+MatMul+Add":
+        "p = ReduceMean <keepdims=0> (f, axes)\n mm = MatMul(p, wt)\n y = Add(mm, b)",
+    "ReduceMean(keepdims=1)+Reshape":
+        "p = ReduceMean <keepdims=1> (f, axes)\n f2 = Reshape(p, shp)\n y = Gemm <transB=1> (f2, w, b)",
+    "AveragePool covering+Flatten":
+        "p = AveragePool <kernel_shape=[5,6], strides=[5,6]> (f)\n f2 = Flatten(p)\n y = Gemm <transB=1> (f2, w, b)",
+    "GlobalAveragePool+Squeeze":
+        "p = GlobalAveragePool(f)\n f2 = Squeeze(p, sq)\n y = Gemm <transB=1> (f2, w, b)",
+}
+
+
+@pytest.mark.parametrize("name", list(POOL_HEADS))
+def test_global_pool_heads(name):
+    model = parse(f"""
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[N,3,5,6] x) => (float[N,4] z) {{
+          f = Conv <kernel_shape=[1,1]> (x, cw)
+          {POOL_HEADS[name]}
+          z = Softmax <axis=-1> (y)
+        }}""", cw=w(6, 3, 1, 1), w=w(4, 6), wt=w(6, 4), b=w(4), axes=np.array([2, 3], np.int64),
+               shp=np.array([0, -1], np.int64), sq=np.array([2, 3], np.int64))
+    keep = assert_converts(model, convs=1)
+    assert keep.layers[0].kernel == [1, 1] and keep.layers[0].pattern.split("+")[0] in name
+    result, report = assert_dense(model)
+    pool_ops = [n for n in result.model.graph.node if n.op_type in ("AveragePool", "MaxPool")]
+    assert len(pool_ops) == 1
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in pool_ops[0].attribute}
+    assert attrs["kernel_shape"] == [5, 6] and attrs["strides"] == [1, 1]
+    g = result.geometry[0]["axes"]
+    assert [a["receptive_field"] for a in g] == [5, 6] and [a["stride"] for a in g] == [1, 1]
+
+
+def test_nhwc_tf2onnx_style_head():
+    """Keras Flatten after NHWC convs: Transpose(0,2,3,1) -> Reshape -> MatMul -> Add."""
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,6,5,3] x) => (float[N,4] z) {
+          xt = Transpose <perm=[0,3,1,2]> (x)
+          c = Conv <kernel_shape=[3,3], pads=[1,1,1,1]> (xt, cw)
+          r = Relu(c)
+          back = Transpose <perm=[0,2,3,1]> (r)
+          flat = Reshape(back, shp)
+          mm = MatMul(flat, wt)
+          y = Add(mm, b)
+          z = Softmax(y)
+        }""", cw=w(2, 3, 3, 3), shp=np.array([-1, 60], np.int64), wt=w(60, 4), b=w(4))
+    layer = inspect(model).layers[0]
+    assert layer.layout == "NHWC" and layer.pattern == "Transpose+Reshape"
+    result, report = assert_dense(model)
+    dims = result.model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["N", "height", "width", 3]
+    assert "Transpose" in ops(result.model)[:1] and ops(result.model).count("Transpose") == 1
+    g = result.geometry[0]["axes"]
+    assert [(a["input_axis"], a["stride"], a["receptive_field"], a["offset"]) for a in g] == [(1, 1, 8, -1), (2, 1, 7, -1)]
+
+
+def test_argmax_output():
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,2,4,4] x) => (int64[N,1] cls, float[N,5] y) {
+          f = Flatten(x)
+          y = Gemm <transB=1> (f, w)
+          cls = ArgMax <axis=1, keepdims=1> (y)
+        }""", w=w(5, 32))
+    result, report = assert_dense(model)
+    assert len(result.model.graph.output[0].type.tensor_type.shape.dim) == 4
+
+
+def lenet():
+    return parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,1,28,28] x) => (float[N,10] y) {
+          c1 = Conv <kernel_shape=[5,5]> (x, w1)
+          r1 = Relu(c1)
+          p1 = MaxPool <kernel_shape=[2,2], strides=[2,2]> (r1)
+          c2 = Conv <kernel_shape=[5,5]> (p1, w2)
+          r2 = Relu(c2)
+          p2 = MaxPool <kernel_shape=[2,2], strides=[2,2]> (r2)
+          f = Flatten(p2)
+          h = Gemm <transB=1> (f, w3)
+          hr = Relu(h)
+          y = Gemm <transB=1> (hr, w4)
+        }""", w1=w(2, 1, 5, 5), w2=w(3, 2, 5, 5), w3=w(8, 48, scale=0.1), w4=w(10, 8))
+
+
+def test_lenet_geometry_and_pixel_crops():
+    """No padding: windows are pixel crops at the map's stride, checked too."""
+    result, report = assert_dense(lenet())
+    g = result.geometry[0]
+    assert [(a["stride"], a["receptive_field"], a["offset"]) for a in g["axes"]] == [(4, 28, 0), (4, 28, 0)]
+    assert not g["padded"]
+    assert any("pixel crops" in o.name and o.passed for o in report.outputs)
+
+
+def vgg16_geometry_model():
+    """VGG16's layout with 1 channel per layer: geometry only depends on it."""
+    layers, nodes, inits, x, i = [2, 2, "M", 3, 3, "M"], [], {}, "x", 0
+    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    lines = []
+    for v in cfg:
+        i += 1
+        if v == "M":
+            lines.append(f"t{i} = MaxPool <kernel_shape=[2,2], strides=[2,2]> ({x})")
+        else:
+            inits[f"k{i}"] = w(1, 1, 3, 3)
+            lines.append(f"t{i} = Conv <kernel_shape=[3,3], pads=[1,1,1,1]> ({x}, k{i})")
+        x = f"t{i}"
+    body = "\n".join(lines)
+    return parse(f"""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[1,1,224,224] x) => (float[1,3] y) {{
+          {body}
+          f = Flatten({x})
+          y = Gemm <transB=1> (f, fw)
+        }}""", fw=w(3, 49), **inits)
+
+
+def test_vgg16_geometry_matches_hand_computation():
+    """VGG16: stride 32; pool5 sees 212 pixels, the 7x7 head 212 + 6*32 = 404;
+    offset -(2*1 + 2*2 + 3*4 + 3*8 + 3*16) = -90."""
+    info = inspect(vgg16_geometry_model())
+    assert info.dense_reason is None
+    axes = info.geometry[0]["axes"]
+    assert [(a["stride"], a["receptive_field"], a["offset"], a["window"]) for a in axes] == [(32, 404, -90, 7)] * 2
+
+
+# -- refusals ------------------------------------------------------------
+
+def test_squeeze_excitation_in_trunk_is_refused():
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,2,4,4] x) => (float[N,3] y) {
+          s = GlobalAveragePool(x)
+          a = Sigmoid(s)
+          t = Mul(x, a)
+          f = Flatten(t)
+          y = Gemm <transB=1> (f, w)
+        }""", w=w(3, 32))
+    with pytest.raises(Fc2ConvError, match="GlobalAveragePool 's' in the trunk mixes"):
+        convert(model, dense=True)
+    assert "GlobalAveragePool 's'" in inspect(model).dense_reason
+    assert convert(model).heads == 1  # keep mode is fine
+
+
+def test_op_after_head_mixing_classes_is_refused():
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,2,4,4] x, float[N,3] bias) => (float[N,3] y) {
+          f = Flatten(x)
+          h = Gemm <transB=1> (f, w)
+          y = Add(h, bias)
+        }""", w=w(3, 32))
+    with pytest.raises(Fc2ConvError, match="Add 'y' after the head combines the scores with another tensor"):
+        convert(model, dense=True)
+
+
+def test_unconverted_fc_is_refused():
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,2,4,4] x, float[N,6] v) => (float[N,3] y, float[N,3] z) {
+          f = Flatten(x)
+          y = Gemm <transB=1> (f, w)
+          z = Gemm <transB=1> (v, w2)
+        }""", w=w(3, 32), w2=w(3, 6))
+    with pytest.raises(Fc2ConvError, match="FC 'z' is not converted"):
+        convert(model, dense=True)
+
+
+def test_dense_check_detects_a_wrong_model():
+    model = lenet()
+    other = convert(lenet(), dense=True).model
+    bad = onnx.ModelProto()
+    bad.CopyFrom(other)
+    for t in bad.graph.initializer:
+        if t.name.startswith("w4"):
+            arr = onnx.numpy_helper.to_array(t).copy()
+            arr[0] += 1.0
+            t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+    report = check(model, bad, dense=True)
+    assert not report and any(not o.passed for o in report.outputs)
