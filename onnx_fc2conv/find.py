@@ -146,15 +146,15 @@ class _Matcher:
         if node.op_type == "Gemm":
             a, b = node.input[0], node.input[1]
             c = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            w = idx.value(b)
-            if w is None:
+            wshape = idx.const_shape(b)
+            if wshape is None:
                 return f"its weight {b!r} is not a constant"
-            if w.ndim != 2:
-                return f"its weight {b!r} has rank {w.ndim}, not 2"
+            if len(wshape) != 2:
+                return f"its weight {b!r} has rank {len(wshape)}, not 2"
             if attr(node, "transA", 0):
                 return "transA=1: the Gemm reads its input transposed, so it is not a convolution over the feature map"
             trans_b = bool(attr(node, "transB", 0))
-            m, k = (w.shape[0], w.shape[1]) if trans_b else (w.shape[1], w.shape[0])
+            m, k = (wshape[0], wshape[1]) if trans_b else (wshape[1], wshape[0])
             alpha = float(attr(node, "alpha", 1.0))
             beta = float(attr(node, "beta", 1.0))
             if c is not None:
@@ -168,16 +168,16 @@ class _Matcher:
             return FC(label, "Gemm", (node,), a, node.output[0], b, trans_b, alpha, beta, c, m, k)
         if node.op_type == "MatMul":
             a, b = node.input[0], node.input[1]
-            w = idx.value(b)
-            if w is None or idx.value(a) is not None:
+            wshape = idx.const_shape(b)
+            if wshape is None or idx.const_shape(a) is not None:
                 return None  # a product of two activations is not an FC layer
-            if w.ndim != 2:
-                return f"its weight {b!r} has rank {w.ndim}, not 2"
+            if len(wshape) != 2:
+                return f"its weight {b!r} has rank {len(wshape)}, not 2"
             ashape = self.shape(a)
             if ashape is not None and len(ashape) != 2:
                 return (f"its input {a!r} has rank {len(ashape)}: a MatMul over more than a batch of "
                         "feature vectors is not an FC on a flattened map")
-            k, m = w.shape
+            k, m = wshape
             nodes, out, bias = (node,), node.output[0], None
             add = idx.only_consumer(node.output[0])
             if add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx"):

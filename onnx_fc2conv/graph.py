@@ -93,6 +93,14 @@ class GraphIndex:
     def is_const(self, name: str) -> bool:
         return self.value(name) is not None
 
+    def const_shape(self, name: str) -> tuple | None:
+        """A constant's shape without reading its data where possible."""
+        t = self.initializers.get(name)
+        if t is not None:
+            return tuple(int(d) for d in t.dims)
+        v = self.value(name)
+        return None if v is None else tuple(v.shape)
+
     def value(self, name: str) -> np.ndarray | None:
         """The tensor's constant value, or None when it is not a constant."""
         if not name:

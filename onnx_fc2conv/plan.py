@@ -22,6 +22,7 @@ class HeadPlan:
     nodes: tuple                     # new nodes, in order
     initializers: tuple              # (name, np.ndarray) pairs
     removed: frozenset               # ids of the nodes the head replaces
+    retyped: tuple = ()              # (initializer name, new dims): a weight reused as a kernel in place
 
 
 class Namer:
@@ -50,10 +51,47 @@ def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=Non
     idx = GraphIndex(model)
     namer = Namer(model.graph)
     kernel_cache: dict[tuple, str] = {}
+    for name, key in _reusable_weights(model, idx, heads).items():
+        kernel_cache[key] = name
     plans = []
     for i, head in enumerate(heads):
         plans.append(_plan_head(idx, namer, head, kernel_cache, dense.heads[i] if dense else None, shapes))
     return plans
+
+
+def _kernel_keys(head: Head):
+    """(FC, key, kernel feature shape, perm) for each FC of a head."""
+    spatial = head.spatial_rank
+    first = True
+    for item in head.items:
+        if isinstance(item, FC):
+            fshape = head.collapse.feature_shape if first else (item.k,) + (1,) * spatial
+            perm = head.collapse.perm if first else None
+            if perm is not None and tuple(perm) == tuple(range(len(perm))):
+                perm = None
+            yield item, (item.weight, item.trans_b, item.alpha, perm, fshape), fshape, perm
+            first = False
+
+
+def _reusable_weights(model: onnx.ModelProto, idx: GraphIndex, heads: list[Head]) -> dict[str, tuple]:
+    """Weights whose kernel is only a change of dims (transB=1, alpha=1, no
+    permutation) and that nothing but converted FCs reads: they become their
+    kernel in place, so no byte of them is copied."""
+    fc_nodes = {id(n) for h in heads for it in h.items if isinstance(it, FC) for n in it.nodes}
+    keys: dict[str, set] = {}
+    for head in heads:
+        for fc, key, _, perm in _kernel_keys(head):
+            keys.setdefault(fc.weight, set()).add(key if (fc.trans_b and fc.alpha == 1.0 and perm is None) else None)
+    inputs = {i.name for i in model.graph.input}
+    out = {}
+    for name, ks in keys.items():
+        if len(ks) != 1 or None in ks or name not in idx.initializers or name in inputs:
+            continue
+        if name in idx.outputs or name in idx.sub_reads:
+            continue
+        if all(id(n) in fc_nodes for n in idx.consumers.get(name, ())):
+            out[name] = next(iter(ks))
+    return out
 
 
 def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh=None, shapes=None) -> HeadPlan:
@@ -83,17 +121,17 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
         else:
             nodes.append(helper.make_node("Unsqueeze", [x], [out], name=namer(f"{x}_unsqueeze"), axes=axes))
         x = out
-    feature_shape = col.feature_shape
-    perm = col.perm
-    first = True
+    retyped = []
+    keys = {id(fc): (key, fshape, perm) for fc, key, fshape, perm in _kernel_keys(head)}
     for item in head.items:
         if isinstance(item, FC):
-            w = idx.value(item.weight)
-            fshape = feature_shape if first else (item.k,) + (1,) * spatial
-            key = (item.weight, item.trans_b, item.alpha, perm if first else None, fshape)
-            if key not in kernel_cache:
+            key, fshape, perm = keys[id(item)]
+            if kernel_cache.get(key) == item.weight:
+                retyped.append((item.weight, (item.m,) + tuple(fshape)))
+            elif key not in kernel_cache:
+                w = idx.value(item.weight)
                 kernel = kernels.conv_kernel(kernels.fc_matrix(w, trans_b=item.trans_b, alpha=item.alpha), fshape,
-                                             perm if first else None)
+                                             perm)
                 kernel_cache[key] = namer(f"{item.weight}_conv")
                 inits.append((kernel_cache[key], kernel))
             conv_inputs = [x, kernel_cache[key]]
@@ -101,13 +139,13 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
                 b = kernels.fc_bias(idx.value(item.bias), item.m, beta=item.beta)
                 if b is not None:
                     bname = namer(f"{item.bias}_conv")
-                    inits.append((bname, b.astype(w.dtype, copy=False)))
+                    inits.append((bname, b.astype(helper.tensor_dtype_to_np_dtype(
+                        _elem_type(idx, item.weight)), copy=False)))
                     conv_inputs.append(bname)
             out = item.output if dh is not None else namer(f"{item.output}_conv")
             nodes.append(helper.make_node("Conv", conv_inputs, [out], name=item.nodes[0].name or namer(item.name),
                                           kernel_shape=list(fshape[1:])))
             x = out
-            first = False
         else:
             if item.identity:
                 if dh is not None:
@@ -141,4 +179,11 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
         for n in (item.nodes if isinstance(item, FC) else (item.node,)):
             removed.add(id(n))
     anchor = head.items[0].nodes[0]
-    return HeadPlan(anchor, tuple(nodes), tuple(inits), frozenset(removed))
+    return HeadPlan(anchor, tuple(nodes), tuple(inits), frozenset(removed), tuple(retyped))
+
+
+def _elem_type(idx: GraphIndex, name: str) -> int:
+    t = idx.initializers.get(name)
+    if t is not None:
+        return t.data_type
+    return helper.np_dtype_to_tensor_dtype(idx.value(name).dtype)

@@ -38,6 +38,13 @@ def apply(model: onnx.ModelProto, plans: list[HeadPlan]) -> None:
         if id(node) not in removed:
             new_nodes.append(node)
     _replace_nodes(graph, new_nodes)
+    by_name = {t.name: t for t in graph.initializer}
+    for plan in plans:
+        for name, dims in plan.retyped:
+            tensor = by_name[name]
+            if list(tensor.dims) != list(dims):
+                del tensor.dims[:]
+                tensor.dims.extend(dims)
     legacy = model.ir_version < 4  # IR < 4: every initializer is also a graph input
     for plan in plans:
         for name, value in plan.initializers:

@@ -10,6 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .errors import Fc2ConvError
@@ -34,13 +35,34 @@ def save(model: onnx.ModelProto, path, *, external_data: bool | None = None,
         raise Fc2ConvError(f"{path}: the output folder {str(folder)!r} is not writable")
     if path.is_dir():
         raise Fc2ConvError(f"{path}: is a directory; give a file name for the output")
-    use_external = external_data if external_data is not None else model.ByteSize() > limit
+    size = estimated_size(model)
+    use_external = external_data if external_data is not None else size > limit
     if use_external:
         return _save_external(model, path, folder)
-    if model.ByteSize() > PROTO_LIMIT:
+    if size > PROTO_LIMIT:
         raise Fc2ConvError(f"{path}: the model is over 2 GB; it must be written with external data")
     _atomic_write(folder, path, [model.SerializeToString()])
     return [path]
+
+
+def estimated_size(model: onnx.ModelProto) -> int:
+    """The serialised size, from tensor dims (``ByteSize`` would walk every
+    byte of a large model): weights plus a generous allowance for the rest."""
+    from onnx import helper
+
+    total = 1 << 20
+    for t in _all_tensors(model):
+        if t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        n = 1
+        for d in t.dims:
+            n *= d
+        try:
+            item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            item = 8
+        total += n * max(item, 1) + 64
+    return total
 
 
 def _atomic_write(folder: Path, path: Path, chunks) -> None:

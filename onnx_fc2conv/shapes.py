@@ -87,8 +87,10 @@ def _fmt(shape) -> str:
     return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def infer(model: onnx.ModelProto, overrides: dict[str, list[int]] | None = None) -> dict[str, TensorInfo]:
-    """Shapes of all tensors (graph inputs, initializers, node outputs)."""
+def light_model(model: onnx.ModelProto, overrides: dict[str, list[int]] | None = None) -> onnx.ModelProto:
+    """A copy of the graph without its large weights: initializers over
+    ``_SMALL`` elements (or stored externally) become typed graph inputs, so
+    shape inference and the checker never copy the weights."""
     overrides = overrides or {}
     graph = model.graph
     light = onnx.ModelProto()
@@ -99,6 +101,7 @@ def infer(model: onnx.ModelProto, overrides: dict[str, list[int]] | None = None)
     lg.name = graph.name
     lg.node.extend(graph.node)
     lg.output.extend(graph.output)
+    lg.value_info.extend(graph.value_info)
     input_names = set()
     for inp in graph.input:
         vi = lg.input.add()
@@ -109,9 +112,7 @@ def infer(model: onnx.ModelProto, overrides: dict[str, list[int]] | None = None)
             shape.ClearField("dim")
             for d in overrides[inp.name]:
                 shape.dim.add().dim_value = d
-    infos: dict[str, TensorInfo] = {}
     for t in graph.initializer:
-        infos[t.name] = TensorInfo(tuple(int(d) for d in t.dims), t.data_type)
         n = 1
         for d in t.dims:
             n *= d
@@ -119,6 +120,17 @@ def infer(model: onnx.ModelProto, overrides: dict[str, list[int]] | None = None)
             lg.initializer.append(t)
         elif t.name not in input_names:
             lg.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
+
+
+def infer(model: onnx.ModelProto, overrides: dict[str, list[int]] | None = None) -> dict[str, TensorInfo]:
+    """Shapes of all tensors (graph inputs, initializers, node outputs)."""
+    overrides = overrides or {}
+    light = light_model(model, overrides)
+    del light.graph.value_info[:]  # stale annotations must not override what inference derives
+    input_names = {i.name for i in model.graph.input}
+    infos: dict[str, TensorInfo] = {t.name: TensorInfo(tuple(int(d) for d in t.dims), t.data_type)
+                                    for t in model.graph.initializer}
     try:
         inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:  # onnx raises several types here; all mean the same to the user

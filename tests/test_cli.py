@@ -68,8 +68,8 @@ def test_convert_check_failure_writes_nothing(model_path, tmp_path, monkeypatch,
     """A conversion that fails its check is not written: exit 1."""
     from onnx_fc2conv import cli as cli_mod, kernels
 
-    real = kernels.conv_kernel
-    monkeypatch.setattr(kernels, "conv_kernel", lambda w, shape, perm=None: real(w, shape, perm)[:, ::-1].copy())
+    real = kernels.fc_bias
+    monkeypatch.setattr(kernels, "fc_bias", lambda c, m, beta=1.0: real(c, m, beta=beta) + 0.5)
     out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
     code = cli_mod.main(["convert", str(model_path), "-o", str(out), "--check", "--report", str(rep)])
     captured = capsys.readouterr()

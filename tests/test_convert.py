@@ -227,3 +227,21 @@ def test_input_shape_naming_no_input_is_an_error():
         convert(head_model(), input_shapes=["x=1,a"])
     with pytest.raises(Fc2ConvError, match="has rank 2, but input 'x' has rank 4"):
         convert(head_model(), input_shapes=["x=1,2"])
+
+
+def test_transb1_weight_becomes_its_kernel_in_place():
+    """transB=1, alpha=1: the kernel is the weight with new dims; no copy, no
+    second initializer. A transB=0 weight needs a transposed copy."""
+    model = head_model(fc="gemm_tb1")
+    result = assert_converts(model, convs=2)
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    convs = [n for n in result.model.graph.node if n.op_type == "Conv"][1:]
+    after = {t.name: t for t in result.model.graph.initializer}
+    for conv in convs:
+        assert conv.input[1] in before, "the FC weight was not reused"
+        assert list(after[conv.input[1]].dims)[:2] == [before[conv.input[1]].shape[0], before[conv.input[1]].shape[1] // int(np.prod(after[conv.input[1]].dims[2:]))]
+    total = lambda m: sum(onnx.numpy_helper.to_array(t).nbytes for t in m.graph.initializer)  # noqa: E731
+    assert total(result.model) == total(model)
+    result0 = assert_converts(head_model(fc="gemm_tb0"), convs=2)
+    first_conv = [n for n in result0.model.graph.node if n.op_type == "Conv"][1]
+    assert first_conv.input[1].endswith("_conv")
