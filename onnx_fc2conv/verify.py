@@ -106,11 +106,18 @@ def session(model_or_path, provider: str = "cpu"):
         raise Fc2ConvError(f"provider {provider!r} is not available in this onnxruntime "
                            f"(it has {', '.join(ort.get_available_providers())}); "
                            + ("install onnxruntime-gpu instead of onnxruntime" if provider == "cuda" else ""))
+    if provider == "cuda" and hasattr(ort, "preload_dlls"):
+        try:  # onnxruntime-gpu finds CUDA/cuDNN from the nvidia pip packages this way
+            ort.preload_dlls()
+        except Exception:  # a missing library shows up below as a provider that cannot be created
+            pass
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     src = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
-    providers = [want] if provider == "cpu" else [want, "CPUExecutionProvider"]
+    # TF32 would round Conv and Gemm inputs to 10-bit mantissas on recent
+    # GPUs: the check compares exact float32 arithmetic, so it is off.
+    providers = [want] if provider == "cpu" else [(want, {"use_tf32": "0"}), "CPUExecutionProvider"]
     sess = ort.InferenceSession(src, sess_options=opts, providers=providers)
     if sess.get_providers()[0] != want:
         raise Fc2ConvError(f"onnxruntime could not create the {provider!r} provider and fell back to "
