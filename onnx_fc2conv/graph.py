@@ -114,7 +114,7 @@ class GraphIndex:
 
     def _compute(self, name: str, budget: list[int]) -> np.ndarray | None:
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            return tensor_value(self.initializers[name])
         node = self.producer.get(name)
         if node is None:
             return None
@@ -145,10 +145,38 @@ class GraphIndex:
         return outs[list(node.output).index(name)]
 
 
+def tensor_value(t: onnx.TensorProto) -> np.ndarray:
+    """A tensor's data, refusing data that does not match its dims (an
+    untrusted file may declare any dims) before numpy allocates anything."""
+    from .errors import Fc2ConvError
+
+    n = 1
+    for d in t.dims:
+        if d < 0:
+            raise Fc2ConvError(f"tensor {t.name!r} has a negative dim {list(t.dims)}")
+        n *= d
+    try:
+        item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        raise Fc2ConvError(f"tensor {t.name!r} has an unknown data type {t.data_type}") from None
+    if t.HasField("raw_data"):
+        have = len(t.raw_data)
+        if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1):
+            need = (n + 1) // 2
+        else:
+            need = n * item
+        if have != need:
+            raise Fc2ConvError(f"tensor {t.name!r} declares dims {list(t.dims)} ({need} bytes) but holds {have} bytes")
+    try:
+        return numpy_helper.to_array(t)
+    except Exception as exc:  # malformed tensor data in the file
+        raise Fc2ConvError(f"tensor {t.name!r} cannot be read: {str(exc).splitlines()[0]}") from None
+
+
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     for a in node.attribute:
         if a.name == "value":
-            return numpy_helper.to_array(a.t)
+            return tensor_value(a.t)
         if a.name == "value_float":
             return np.array(a.f, dtype=np.float32)
         if a.name == "value_floats":

@@ -80,13 +80,34 @@ def _load_external(model: onnx.ModelProto, path: Path) -> None:
             raise Fc2ConvError(f"{path}: external data file {loc!r} of tensor {t.name!r} is missing; "
                                "keep it beside the model")
         size = target.stat().st_size
-        offset, length = int(info.get("offset", 0) or 0), info.get("length")
-        if offset > size or (length is not None and offset + int(length) > size):
-            raise Fc2ConvError(f"{path}: tensor {t.name!r} reads past the end of {loc!r}; the data file is truncated")
+        try:
+            offset, length = int(info.get("offset", 0) or 0), info.get("length")
+            length = None if length is None else int(length)
+        except ValueError:
+            raise Fc2ConvError(f"{path}: tensor {t.name!r} has a malformed external data offset or length") from None
+        declared = _declared_bytes(t)
+        if offset < 0 or offset > size or (length is not None and (length < 0 or offset + length > size)) \
+                or (declared is not None and offset + declared > size):
+            raise Fc2ConvError(f"{path}: tensor {t.name!r} (dims {list(t.dims)}) reads past the end of {loc!r}; "
+                               "the data file is truncated or the dims are wrong")
     try:
         external_data_helper.load_external_data_for_model(model, str(base))
     except Exception as exc:  # onnx's own checks (links, sizes): their words are the reason
         raise Fc2ConvError(f"{path}: cannot load external data: {str(exc).splitlines()[0]}") from None
+
+
+def _declared_bytes(t: onnx.TensorProto) -> int | None:
+    import numpy as np
+    from onnx import helper
+
+    try:
+        item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    n = 1
+    for d in t.dims:
+        n *= max(int(d), 0)
+    return n * item
 
 
 def _check(model: onnx.ModelProto, what: str) -> None:
@@ -101,3 +122,5 @@ def _check(model: onnx.ModelProto, what: str) -> None:
     except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
         first = next((ln for ln in str(exc).splitlines() if ln.strip()), "invalid model")
         raise Fc2ConvError(f"{what}: fails onnx.checker: {first.strip()}") from None
+    except (UnicodeDecodeError, ValueError, RuntimeError) as exc:  # the checker chokes on corrupt strings
+        raise Fc2ConvError(f"{what}: fails onnx.checker ({type(exc).__name__}: the file is corrupt)") from None

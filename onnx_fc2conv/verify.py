@@ -95,7 +95,7 @@ class CheckReport:
                 "outputs": [o.to_dict() for o in self.outputs], "errors": list(self.errors)}
 
 
-def session(model_or_path, provider: str = "cpu"):
+def session(model_or_path, provider: str = "cpu", what: str = "the model"):
     """An onnxruntime session on exactly the provider asked for."""
     import onnxruntime as ort
 
@@ -113,12 +113,16 @@ def session(model_or_path, provider: str = "cpu"):
             pass
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors come back as exceptions; the C++ logger must not print them
     src = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     # TF32 would round Conv and Gemm inputs to 10-bit mantissas on recent
     # GPUs: the check compares exact float32 arithmetic, so it is off.
     providers = [want] if provider == "cpu" else [(want, {"use_tf32": "0"}), "CPUExecutionProvider"]
-    sess = ort.InferenceSession(src, sess_options=opts, providers=providers)
+    try:
+        sess = ort.InferenceSession(src, sess_options=opts, providers=providers)
+    except Exception as exc:  # onnxruntime's own words are the reason
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise Fc2ConvError(f"onnxruntime cannot load {what}: {first}") from None
     if sess.get_providers()[0] != want:
         raise Fc2ConvError(f"onnxruntime could not create the {provider!r} provider and fell back to "
                            f"{sess.get_providers()[0]}; refusing to check on another provider")
@@ -236,8 +240,9 @@ def compare(name: str, expected: np.ndarray, actual: np.ndarray, elem_type: int,
     rep = OutputReport(name, list(expected.shape), dt, True, atol_v, rtol_v)
     if e.size == 0:
         return rep
-    same_nan = np.isnan(e) & np.isnan(a)
-    d = np.where(same_nan, 0.0, np.abs(a - e))
+    same = (np.isnan(e) & np.isnan(a)) | (a == e)  # equal infinities and NaNs in the same place agree
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.where(same, 0.0, np.abs(a - e))
     d = np.where(np.isnan(d), np.inf, d)
     rel = d / np.maximum(np.abs(e), np.finfo(np.float64).tiny)
     rel = np.where(d == 0, 0.0, rel)
@@ -294,14 +299,7 @@ def check_models(original, converted, *, provider: str = "cpu", inputs=None, ato
             sig_b = [s for s in sig_b if s[0] not in inits_b]
         if sig_a != sig_b:
             errors.append(f"the converted model's {which} differ from the original's in name, dtype or shape")
-    s_orig = session(original, provider)
-    try:
-        s_conv = session(converted, provider)
-    except Fc2ConvError:
-        raise
-    except Exception as exc:  # the converted model must load: if not, the check fails
-        return CheckReport(False, provider, 0, {}, [], errors + [f"onnxruntime cannot load the converted model: "
-                                                                 f"{str(exc).splitlines()[0]}"])
+    s_orig = session(original, provider, "the original model")
     out_types = {o.name: o.type.tensor_type.elem_type for o in orig_proto.graph.output}
     if isinstance(inputs, dict):
         feed_sets = [inputs]
@@ -310,14 +308,22 @@ def check_models(original, converted, *, provider: str = "cpu", inputs=None, ato
     else:
         shapes = concrete_shapes(orig_proto, input_shapes or {})
         feed_sets = [random_inputs(orig_proto, shapes, seed + i) for i in range(runs)]
-    per_output: dict[str, list[OutputReport]] = {}
+    # The original runs first: a model that cannot run is bad input (exit 2),
+    # whatever the converted one does.
+    expected_sets = []
     for feeds in feed_sets:
         try:
-            expected = s_orig.run(None, feeds)
+            expected_sets.append(s_orig.run(None, feeds))
         except Exception as exc:  # ORT's message is the reason the original cannot run
             raise Fc2ConvError(f"onnxruntime cannot run the original model on inputs "
                                f"{ {k: list(v.shape) for k, v in feeds.items()} }: {str(exc).splitlines()[0]}; "
                                "fix the input shape with --input-shape or --inputs") from None
+    try:
+        s_conv = session(converted, provider, "the converted model")
+    except Fc2ConvError as exc:  # the converted model must load: if not, the check fails
+        return CheckReport(False, provider, 0, {}, [], errors + [str(exc)])
+    per_output: dict[str, list[OutputReport]] = {}
+    for feeds, expected in zip(feed_sets, expected_sets):
         try:
             actual = s_conv.run(None, feeds)
         except Exception as exc:

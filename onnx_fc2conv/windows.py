@@ -69,8 +69,7 @@ def check_dense(original: onnx.ModelProto, converted, *, provider="cpu", atol=No
     plan = dense_mod.analyse(original, infos, heads, layers, overrides)
     out_types = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
     in_infos = shapes_mod.input_infos(original)
-    s_orig = session(original, provider)
-    s_dense = session(converted, provider)
+    s_orig = session(original, provider, "the original model")
     errors: list[str] = []
     reports: dict[str, list[OutputReport]] = {}
     rng = np.random.default_rng(seed)
@@ -87,7 +86,14 @@ def check_dense(original: onnx.ModelProto, converted, *, provider="cpu", atol=No
     # 1. native size: the map is 1x1 and equals the original output
     native_shapes = {n: concrete(n) for n in in_infos}
     feeds = random_inputs(original, native_shapes, seed)
-    expected = dict(zip([o.name for o in s_orig.get_outputs()], s_orig.run(None, feeds)))
+    try:
+        expected = dict(zip([o.name for o in s_orig.get_outputs()], s_orig.run(None, feeds)))
+    except Exception as exc:  # a model that cannot run is bad input
+        raise Fc2ConvError(f"onnxruntime cannot run the original model: {str(exc).splitlines()[0]}") from None
+    try:
+        s_dense = session(converted, provider, "the dense model")
+    except Fc2ConvError as exc:
+        return CheckReport(False, provider, 0, native_shapes, [], [str(exc)])
     got = dict(zip([o.name for o in s_dense.get_outputs()], s_dense.run(None, feeds)))
     for name, e in expected.items():
         if name not in got:

@@ -1,3 +1,4 @@
+import collections
 import os
 
 from hypothesis import HealthCheck, settings
@@ -5,3 +6,12 @@ from hypothesis import HealthCheck, settings
 settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Outcomes of the fuzz tests (test_properties.py), reported at the end of the run.
+FUZZ = collections.Counter()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FUZZ:
+        parts = ", ".join(f"{k}: {v}" for k, v in sorted(FUZZ.items()))
+        terminalreporter.write_line(f"fuzz outcomes: {parts}")
