@@ -110,8 +110,36 @@ def _declared_bytes(t: onnx.TensorProto) -> int | None:
     return n * item
 
 
+def _strings_ok(graph: onnx.GraphProto) -> None:
+    """Touch every name: protobuf only decodes a string field when read, and a
+    corrupt file may hold bytes that are not UTF-8."""
+    for coll in (graph.input, graph.output, graph.value_info, graph.initializer):
+        for item in coll:
+            item.name  # noqa: B018
+    for node in graph.node:
+        node.name, node.op_type, node.domain, list(node.input), list(node.output)  # noqa: B018
+        for a in node.attribute:
+            a.name  # noqa: B018
+            if a.type == onnx.AttributeProto.GRAPH:
+                _strings_ok(a.g)
+            for g in a.graphs:
+                _strings_ok(g)
+
+
 def _check(model: onnx.ModelProto, what: str) -> None:
     from .save import estimated_size
+
+    try:
+        _strings_ok(model.graph)
+        [(o.domain, o.version) for o in model.opset_import]  # noqa: B018
+    except UnicodeDecodeError:
+        raise Fc2ConvError(f"{what}: a name in the model is not valid UTF-8; the file is corrupt") from None
+    for t in model.graph.initializer:
+        try:
+            onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        except (KeyError, ValueError):
+            raise Fc2ConvError(f"{what}: initializer {t.name!r} has an unknown data type {t.data_type}; "
+                               "the file is corrupt") from None
     from .shapes import light_model
 
     # The checker serialises what it checks: on a large model, check the graph

@@ -34,6 +34,7 @@ def heads(draw):
     if collapse == "reshape_N_K" and batch == "N":
         batch = 2
     chain = tuple(draw(st.lists(st.sampled_from(CHAIN_OPS), max_size=3)))
+    assume(not (collapse == "reshape_input_initializer" and "Clip" in chain))  # opset 8's Clip has no inputs
     dtype = draw(st.sampled_from([np.float32, np.float32, np.float16]))
     m1 = draw(st.integers(1, 8))
     return dict(feature_shape=(c,) + spatial, collapse=collapse, fc=fc, batch=batch, chain=chain, dtype=dtype,
