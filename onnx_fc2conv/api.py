@@ -4,6 +4,7 @@ rewrite -> verify -> save. Each step is a module with one job."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import onnx
@@ -65,6 +66,22 @@ def _overrides(input_shapes) -> dict[str, list[int]]:
     return shapes_mod.parse_input_shapes(list(input_shapes))
 
 
+def _corrupt_strings(fn):
+    """protobuf decodes a string field only when it is read: a corrupt file
+    may fail there, anywhere in the pipeline. That is bad input, not a bug."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UnicodeDecodeError:
+            src = args[0] if args and isinstance(args[0], (str, os.PathLike)) else "the model"
+            raise Fc2ConvError(f"{src}: a string in the model is not valid UTF-8; the file is corrupt") from None
+    return wrapper
+
+
+@_corrupt_strings
 def convert(model, dense: bool = False, input_shapes=None) -> ConversionResult:
     """Convert every convertible FC head of ``model`` into convolutions.
 
@@ -94,6 +111,7 @@ def convert(model, dense: bool = False, input_shapes=None) -> ConversionResult:
                             overrides, [h.geometry_dict() for h in dense_plan.heads] if dense_plan else [])
 
 
+@_corrupt_strings
 def inspect(model, input_shapes=None) -> InspectResult:
     """List every FC layer: what it consumes and what it would become, or why not."""
     overrides = _overrides(input_shapes)
@@ -111,6 +129,7 @@ def inspect(model, input_shapes=None) -> InspectResult:
     return InspectResult(layers, str(loaded.path) if loaded.path else None, geometry, reason)
 
 
+@_corrupt_strings
 def check(original, converted, provider: str = "cpu", dense: bool = False, inputs=None, atol=None, rtol=None,
           input_shapes=None, runs: int = 3, seed: int = 0) -> verify.CheckReport:
     """Run ``original`` and ``converted`` (paths or ModelProtos) in onnxruntime

@@ -55,7 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--check", action="store_true", help="prove the output equal with onnxruntime; "
                                                         "a model that fails is not written (exit 1)")
     c.add_argument("--inputs", metavar="FILE.npz", help="inputs for the check instead of seeded random ones")
-    c.add_argument("--external-data", action="store_true", help="write the weights to OUT.onnx.data")
+    c.add_argument("--external-data", action="store_true",
+                   help="write the weights to OUT.onnx.data (automatic over 2 GB and for inputs with external data)")
+    c.add_argument("--share-data", action="store_true",
+                   help="with an external-data input and OUT in the same folder: reference the unchanged weights in "
+                        "the input's data file instead of copying them (OUT then needs that file)")
     c.add_argument("--overwrite", action="store_true", help="allow OUT.onnx to be the input file itself")
     i = sub.add_parser("inspect", parents=[common, shape], help="list the FC layers and what they would become",
                        description="List every FC layer: the map it consumes, its flatten layout, and what it "
@@ -146,7 +150,8 @@ def _cmd_convert(args, out) -> int:
                 _write_json(args.report, payload)
             print(f"{PROG}: the converted model failed its check; {args.output} was not written", file=sys.stderr)
             return 1
-    written = save(result.model, args.output, external_data=True if args.external_data else None)
+    written = save(result.model, args.output, external_data=True if args.external_data else None,
+                   share_data=args.share_data)
     payload["written"] = True
     payload["files"] = [str(p) for p in written]
     if args.report:

@@ -159,6 +159,15 @@ def tensor_value(t: onnx.TensorProto) -> np.ndarray:
         item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
     except (KeyError, TypeError, ValueError):
         raise Fc2ConvError(f"tensor {t.name!r} has an unknown data type {t.data_type}") from None
+    if t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL:
+        from .load import external_bytes
+
+        data = external_bytes(t)
+        inline = onnx.TensorProto()
+        inline.name, inline.data_type = t.name, t.data_type
+        inline.dims.extend(t.dims)
+        inline.raw_data = data
+        t = inline
     if t.HasField("raw_data"):
         have = len(t.raw_data)
         if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1):

@@ -60,8 +60,48 @@ def load(source, *, check: bool = True) -> Loaded:
 
 
 def _external_tensors(model: onnx.ModelProto):
-    return [t for t in external_data_helper._get_all_tensors(model)
-            if t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL]
+    return [t for t in external_data_helper._get_all_tensors(model) if is_external(t)]
+
+
+def is_external(t: onnx.TensorProto) -> bool:
+    return t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _set_location(t: onnx.TensorProto, location: str) -> None:
+    for e in t.external_data:
+        if e.key == "location":
+            e.value = location
+
+
+def external_bytes(t: onnx.TensorProto) -> bytes:
+    """The bytes of a tensor whose data stayed in its file (loaded models
+    hold the validated absolute location)."""
+    info = {e.key: e.value for e in t.external_data}
+    offset = int(info.get("offset", 0) or 0)
+    length = info.get("length")
+    size = int(length) if length is not None else _declared_bytes(t)
+    with open(info["location"], "rb") as f:
+        f.seek(offset)
+        data = f.read(size) if size is not None else f.read()
+    if size is not None and len(data) != size:
+        raise Fc2ConvError(f"tensor {t.name!r}: its external data file ended early")
+    return data
+
+
+def has_external(model: onnx.ModelProto) -> bool:
+    return any(is_external(t) for t in external_data_helper._get_all_tensors(model))
+
+
+def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with every external tensor's bytes inside (for onnxruntime)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for t in external_data_helper._get_all_tensors(copy):
+        if is_external(t):
+            t.raw_data = external_bytes(t)
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+    return copy
 
 
 def _load_external(model: onnx.ModelProto, path: Path) -> None:
@@ -90,10 +130,9 @@ def _load_external(model: onnx.ModelProto, path: Path) -> None:
                 or (declared is not None and offset + declared > size):
             raise Fc2ConvError(f"{path}: tensor {t.name!r} (dims {list(t.dims)}) reads past the end of {loc!r}; "
                                "the data file is truncated or the dims are wrong")
-    try:
-        external_data_helper.load_external_data_for_model(model, str(base))
-    except Exception as exc:  # onnx's own checks (links, sizes): their words are the reason
-        raise Fc2ConvError(f"{path}: cannot load external data: {str(exc).splitlines()[0]}") from None
+        # Weights stay in their files: the location becomes the validated
+        # absolute path, read on demand (external_bytes) and rewritten by save.
+        _set_location(t, str(target))
 
 
 def _declared_bytes(t: onnx.TensorProto) -> int | None:
@@ -102,6 +141,11 @@ def _declared_bytes(t: onnx.TensorProto) -> int | None:
 
     try:
         item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1):
+            n = 1
+            for d in t.dims:
+                n *= max(int(d), 0)
+            return (n + 1) // 2
     except (KeyError, TypeError, ValueError):
         return None
     n = 1
@@ -144,7 +188,8 @@ def _check(model: onnx.ModelProto, what: str) -> None:
 
     # The checker serialises what it checks: on a large model, check the graph
     # with its big weights replaced by typed inputs (their dims and dtypes stay).
-    target = model if estimated_size(model) < _CHECK_FULL else light_model(model)
+    big = estimated_size(model) >= _CHECK_FULL or has_external(model)
+    target = light_model(model) if big else model
     try:
         onnx.checker.check_model(target)
     except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:

@@ -1,7 +1,14 @@
-"""Write a model atomically: into a temporary file in the target folder, then
+"""Write a model atomically: into temporary files in the target folder, then
 renamed into place, so a reader never sees half a file and a failed run leaves
-the previous output (or nothing). Large models (or on request) are written
-with their weights in one external ``<name>.data`` file beside the model.
+the previous output (or nothing). Re-running writes byte-identical files; a
+data file is always written anew, never appended to.
+
+Models that came with external data keep it external; large models (over
+2 GB, or on request) get their weights in one ``<name>.data`` file beside the
+model. Tensors still in the input's data files (a loaded model reads them on
+demand) are copied into the new data file, or, with ``share_data`` and an
+output in the same folder, referenced where they are (only then: a data file
+the output would replace is always copied from).
 """
 
 from __future__ import annotations
@@ -14,18 +21,23 @@ import numpy as np
 import onnx
 
 from .errors import Fc2ConvError
+from .load import _declared_bytes, external_bytes, has_external, is_external
 
 PROTO_LIMIT = 2**31 - 1
 _EXTERNAL_MIN = 1024  # tensors of at least this many bytes go to the data file
+_ALIGN = 64
 
 
-def save(model: onnx.ModelProto, path, *, external_data: bool | None = None,
+def save(model: onnx.ModelProto, path, *, external_data: bool | None = None, share_data: bool = False,
          limit: int = PROTO_LIMIT) -> list[Path]:
     """Save atomically; returns the files written.
 
     Args:
         external_data: True forces external data, False forbids it, None
-            uses it when the model would exceed ``limit`` bytes.
+            uses it when the model had external data or would exceed
+            ``limit`` bytes.
+        share_data: reference unchanged tensors in the input's data files
+            instead of copying them (output in the same folder only).
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -35,51 +47,106 @@ def save(model: onnx.ModelProto, path, *, external_data: bool | None = None,
         raise Fc2ConvError(f"{path}: the output folder {str(folder)!r} is not writable")
     if path.is_dir():
         raise Fc2ConvError(f"{path}: is a directory; give a file name for the output")
+    external = has_external(model)
     size = estimated_size(model)
-    use_external = external_data if external_data is not None else size > limit
+    use_external = external_data if external_data is not None else (external or size > limit)
     if use_external:
-        return _save_external(model, path, folder)
+        return _save_external(model, path, folder, share_data)
     if size > PROTO_LIMIT:
         raise Fc2ConvError(f"{path}: the model is over 2 GB; it must be written with external data")
-    _atomic_write(folder, path, [model.SerializeToString()])
+    with _swapped(model, [(t, _inline_fields(t)) for t in _all_tensors(model) if is_external(t)]):
+        data = model.SerializeToString()
+    _atomic_write(folder, path, [data])
     return [path]
 
 
 def estimated_size(model: onnx.ModelProto) -> int:
     """The serialised size, from tensor dims (``ByteSize`` would walk every
     byte of a large model): weights plus a generous allowance for the rest."""
-    from onnx import helper
-
     total = 1 << 20
     for t in _all_tensors(model):
-        if t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL:
-            continue
-        n = 1
-        for d in t.dims:
-            n *= d
-        try:
-            item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-        except (KeyError, TypeError, ValueError):
-            item = 8
-        total += n * max(item, 1) + 64
+        n = _declared_bytes(t)
+        total += (n if n is not None else 0) + 64
     return total
 
 
+def _inline_fields(t: onnx.TensorProto) -> dict:
+    return {"raw_data": external_bytes(t), "external_data": None}
+
+
+def _external_fields(location: str, offset: int, length: int) -> dict:
+    return {"raw_data": None, "external_data": [("location", location), ("offset", str(offset)),
+                                                ("length", str(length))]}
+
+
+class _swapped:
+    """Temporarily give tensors other data fields (inline bytes or an external
+    reference) while the header is serialised, then put back what they had:
+    the caller's model is left as it was and no tensor is copied."""
+
+    def __init__(self, model, changes):
+        self.changes = changes
+        self.saved = []
+
+    def __enter__(self):
+        for t, fields in self.changes:
+            self.saved.append((t, t.raw_data if t.HasField("raw_data") else None, list(
+                (e.key, e.value) for e in t.external_data), t.data_location if t.HasField("data_location") else None))
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            if fields["raw_data"] is not None:
+                t.raw_data = fields["raw_data"]
+                t.ClearField("data_location")
+            else:
+                t.data_location = onnx.TensorProto.EXTERNAL
+                for k, v in fields["external_data"]:
+                    e = t.external_data.add()
+                    e.key, e.value = k, v
+        return self
+
+    def __exit__(self, *exc):
+        for t, raw, ext, loc in self.saved:
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            if raw is not None:
+                t.raw_data = raw
+            for k, v in ext:
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            if loc is None:
+                t.ClearField("data_location")
+            else:
+                t.data_location = loc
+
+
 def _atomic_write(folder: Path, path: Path, chunks) -> None:
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _write_temp(folder, path.name, chunks)
+    _rename(tmp, path)
+
+
+def _write_temp(folder: Path, name: str, chunks) -> str:
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
-                f.write(chunk)
+                f.write(chunk() if callable(chunk) else chunk)
             f.flush()
             os.fsync(f.fileno())
+    except OSError as exc:
+        _unlink(tmp)
+        raise Fc2ConvError(f"{folder / name}: cannot write: {exc.strerror or exc}") from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return tmp
+
+
+def _rename(tmp: str, path: Path) -> None:
+    try:
         os.replace(tmp, path)
     except OSError as exc:
         _unlink(tmp)
         raise Fc2ConvError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    except BaseException:
-        _unlink(tmp)
-        raise
 
 
 def _unlink(p) -> None:
@@ -89,55 +156,53 @@ def _unlink(p) -> None:
         pass
 
 
-def _save_external(model: onnx.ModelProto, path: Path, folder: Path) -> list[Path]:
-    """Move large raw tensors' bytes to ``<name>.data`` (64-byte aligned)
-    while serialising the header, then put them back: the caller's model is
-    left as it was and no tensor is copied."""
+def _save_external(model: onnx.ModelProto, path: Path, folder: Path, share_data: bool) -> list[Path]:
     data_name = path.name + ".data"
     data_path = folder / data_name
-    moved = []
+    changes, chunks = [], []
     offset = 0
-    blobs = []
+    shared = set()
     for t in _all_tensors(model):
-        if t.HasField("raw_data") and len(t.raw_data) >= _EXTERNAL_MIN:
+        if is_external(t):
+            source = Path({e.key: e.value for e in t.external_data}["location"])
+            if share_data and source.parent == folder.resolve() and source.name != data_name:
+                info = {e.key: e.value for e in t.external_data}
+                changes.append((t, {"raw_data": None, "external_data": [
+                    ("location", source.name)] + [(k, info[k]) for k in ("offset", "length") if k in info]}))
+                shared.add(source)
+                continue
+            length = _declared_bytes(t)
+            read = (lambda t=t: external_bytes(t))
+        elif t.HasField("raw_data") and len(t.raw_data) >= _EXTERNAL_MIN:
             raw = t.raw_data
-            pad = (-offset) % 64
-            if pad:
-                blobs.append(b"\0" * pad)
-                offset += pad
-            blobs.append(raw)
-            moved.append((t, raw, offset))
-            offset += len(raw)
+            length = len(raw)
+            read = raw
+        else:
+            continue
+        pad = (-offset) % _ALIGN
+        if pad:
+            chunks.append(b"\0" * pad)
+            offset += pad
+        chunks.append(read)
+        changes.append((t, _external_fields(data_name, offset, length)))
+        offset += length
+    written = [path]
+    tmp_data = None
     try:
-        for t, raw, off in moved:
-            t.ClearField("raw_data")
-            t.data_location = onnx.TensorProto.EXTERNAL
-            del t.external_data[:]
-            for k, v in (("location", data_name), ("offset", str(off)), ("length", str(len(raw)))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
-        header = model.SerializeToString()
+        if offset:
+            tmp_data = _write_temp(folder, data_name, chunks)  # reads shared sources before any rename
+        with _swapped(model, changes):
+            header = model.SerializeToString()
+        tmp_header = _write_temp(folder, path.name, [header])
+        if tmp_data:
+            _rename(tmp_data, data_path)
+            tmp_data = None
+            written.append(data_path)
+        _rename(tmp_header, path)
     finally:
-        for t, raw, _ in moved:
-            del t.external_data[:]
-            t.ClearField("data_location")
-            t.raw_data = raw
-    fd, tmp_data = tempfile.mkstemp(dir=folder, prefix=f".{data_name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for b in blobs:
-                f.write(b)
-            f.flush()
-            os.fsync(f.fileno())
-        _atomic_write(folder, path, [header])
-        os.replace(tmp_data, data_path)
-    except OSError as exc:
-        _unlink(tmp_data)
-        raise Fc2ConvError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    except BaseException:
-        _unlink(tmp_data)
-        raise
-    return [path, data_path]
+        if tmp_data:
+            _unlink(tmp_data)
+    return written + sorted(shared)
 
 
 def _all_tensors(model: onnx.ModelProto):

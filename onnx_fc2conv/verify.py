@@ -16,6 +16,7 @@ rounding error grows with the size of its terms, not of its result.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,7 +115,20 @@ def session(model_or_path, provider: str = "cpu", what: str = "the model"):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 4  # errors come back as exceptions; the C++ logger must not print them
-    src = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
+    tmpdir = None
+    if isinstance(model_or_path, onnx.ModelProto):
+        from .load import has_external, materialized
+        from .save import PROTO_LIMIT, estimated_size, save
+
+        if estimated_size(model_or_path) > PROTO_LIMIT:
+            import tempfile  # onnxruntime reads a model over 2 GB from files only
+
+            tmpdir = tempfile.TemporaryDirectory(prefix="onnx-fc2conv-")
+            src = str(save(model_or_path, Path(tmpdir.name) / "model.onnx", external_data=True)[0])
+        else:
+            src = (materialized(model_or_path) if has_external(model_or_path) else model_or_path).SerializeToString()
+    else:
+        src = str(model_or_path)
     # TF32 would round Conv and Gemm inputs to 10-bit mantissas on recent
     # GPUs: the check compares exact float32 arithmetic, so it is off.
     providers = [want] if provider == "cpu" else [(want, {"use_tf32": "0"}), "CPUExecutionProvider"]
@@ -123,6 +137,8 @@ def session(model_or_path, provider: str = "cpu", what: str = "the model"):
     except Exception as exc:  # onnxruntime's own words are the reason
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise Fc2ConvError(f"onnxruntime cannot load {what}: {first}") from None
+    if tmpdir is not None:
+        tmpdir.cleanup()  # the session holds what it read
     if sess.get_providers()[0] != want:
         raise Fc2ConvError(f"onnxruntime could not create the {provider!r} provider and fell back to "
                            f"{sess.get_providers()[0]}; refusing to check on another provider")
