@@ -82,7 +82,7 @@ def _corrupt_strings(fn):
 
 
 @_corrupt_strings
-def convert(model, dense: bool = False, input_shapes=None) -> ConversionResult:
+def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = False) -> ConversionResult:
     """Convert every convertible FC head of ``model`` into convolutions.
 
     Args:
@@ -92,6 +92,9 @@ def convert(model, dense: bool = False, input_shapes=None) -> ConversionResult:
             score map ``[N, classes, *spatial]`` (see dense.py).
         input_shapes: ``{"input": [1, 3, 224, 224]}`` or ``["input=1,3,224,224"]``,
             to fix symbolic input dims for shape inference.
+        fold_batch: keep mode only: fold the batch into the first Conv's
+            spatial axis so onnxruntime's CPU runs the head as one product
+            per batch (faster at batch > 1; see plan.plan_heads).
 
     Raises:
         Fc2ConvError: the model or an option is unusable (the message says why).
@@ -102,7 +105,7 @@ def convert(model, dense: bool = False, input_shapes=None) -> ConversionResult:
     infos = shapes_mod.infer(loaded.model, overrides)
     heads, layers = find.find_heads(loaded.model, infos)
     dense_plan = dense_mod.analyse(loaded.model, infos, heads, layers, overrides) if dense and heads else None
-    plans = plan_mod.plan_heads(loaded.model, heads, dense_plan, infos)
+    plans = plan_mod.plan_heads(loaded.model, heads, dense_plan, infos, fold_batch=fold_batch)
     rewrite.apply(loaded.model, plans)
     if dense_plan is not None:
         dense_mod.finish(loaded.model, dense_plan)

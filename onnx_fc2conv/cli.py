@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("input", metavar="IN.onnx")
     c.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     c.add_argument("--dense", action="store_true", help="fully convolutional output (score maps)")
+    c.add_argument("--fold-batch", action="store_true",
+                   help="keep mode: fold the batch into the first Conv's spatial axis so onnxruntime's CPU runs "
+                        "the head as one matrix product per batch (use it when serving batches > 1 on the CPU; "
+                        "without it the graph is plain Conv + Flatten, the most portable form for compilers)")
     c.add_argument("--check", action="store_true", help="prove the output equal with onnxruntime; "
                                                         "a model that fails is not written (exit 1)")
     c.add_argument("--inputs", metavar="FILE.npz", help="inputs for the check instead of seeded random ones")
@@ -114,11 +118,37 @@ def _same_file(a, b) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
+class _Progress:
+    """Stage lines on stderr for long work, only when stderr is a terminal
+    (never in pipes, CI logs or under -q); results go to stdout."""
+
+    def __init__(self, enabled: bool):
+        import time
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self._time = time.perf_counter
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(f"{PROG}: [{self._time() - self.t0:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def _size(path) -> str:
+    try:
+        return f"{Path(path).stat().st_size / 2**20:.0f} MiB"
+    except OSError:
+        return "?"
+
+
 def _cmd_convert(args, out) -> int:
     if _same_file(args.input, args.output) and not args.overwrite:
         raise Fc2ConvError(f"{args.output}: the output is the input file; choose another -o, "
                            "or pass --overwrite to replace the input")
-    result = api.convert(args.input, dense=args.dense, input_shapes=args.input_shape)
+    if args.fold_batch and args.dense:
+        raise Fc2ConvError("--fold-batch is for keep mode; dense models already see one image per batch item")
+    progress = args.progress
+    progress(f"loading and converting {args.input} ({_size(args.input)})")
+    result = api.convert(args.input, dense=args.dense, input_shapes=args.input_shape, fold_batch=args.fold_batch)
     out(_summary(args.input, result.layers, result.heads))
     if result.layers:
         for line in _layer_table(result.layers):
@@ -129,6 +159,8 @@ def _cmd_convert(args, out) -> int:
     code = 0
     for line in _geometry_lines(result.geometry):
         out(line)
+    if args.check:
+        progress(f"checking on {args.provider} ({'dense windows' if args.dense else 'keep mode'})")
     if args.check and args.dense:
         if args.inputs:
             raise Fc2ConvError("--inputs is not used by the dense check, which makes its own larger inputs")
@@ -150,12 +182,14 @@ def _cmd_convert(args, out) -> int:
                 _write_json(args.report, payload)
             print(f"{PROG}: the converted model failed its check; {args.output} was not written", file=sys.stderr)
             return 1
+    progress(f"writing {args.output}")
     written = save(result.model, args.output, external_data=True if args.external_data else None,
                    share_data=args.share_data)
     payload["written"] = True
     payload["files"] = [str(p) for p in written]
     if args.report:
         _write_json(args.report, payload)
+    progress("done")
     out(f"wrote {', '.join(str(p) for p in written)}")
     return code
 
@@ -195,6 +229,7 @@ def _cmd_inspect(args, out) -> int:
 
 
 def _cmd_check(args, out) -> int:
+    args.progress(f"checking {args.converted} against {args.original} on {args.provider}")
     report = api.check(args.original, args.converted, provider=args.provider, dense=args.dense,
                        inputs=args.inputs, atol=args.atol, rtol=args.rtol, input_shapes=args.input_shape)
     for line in report.lines():
@@ -213,6 +248,7 @@ def main(argv=None) -> int:
         if not args.quiet:
             print(line)
 
+    args.progress = _Progress(not args.quiet and sys.stderr.isatty())
     handler = {"convert": _cmd_convert, "inspect": _cmd_inspect, "check": _cmd_check}[args.command]
     try:
         return handler(args, out)

@@ -45,9 +45,16 @@ class Namer:
         return name
 
 
-def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=None) -> list[HeadPlan]:
+def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=None,
+               fold_batch: bool = False) -> list[HeadPlan]:
     """Plans for keep mode, or for dense mode when ``dense`` (a
-    ``dense.DensePlan`` for the same heads) is given."""
+    ``dense.DensePlan`` for the same heads) is given.
+
+    ``fold_batch`` (keep mode): the first Conv sees the batch folded into its
+    first spatial axis, ``[N,C,H,W] -> [1,C,N*H,W]`` with stride ``H`` there,
+    so the head runs as one matrix product for the whole batch instead of one
+    per image (onnxruntime's CPU Conv loops over the batch); the chain works
+    on ``[1,M,N,1]`` and is turned back into ``[N,M]`` at the end."""
     idx = GraphIndex(model)
     namer = Namer(model.graph)
     kernel_cache: dict[tuple, str] = {}
@@ -55,7 +62,8 @@ def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=Non
         kernel_cache[key] = name
     plans = []
     for i, head in enumerate(heads):
-        plans.append(_plan_head(idx, namer, head, kernel_cache, dense.heads[i] if dense else None, shapes))
+        plans.append(_plan_head(idx, namer, head, kernel_cache, dense.heads[i] if dense else None, shapes,
+                                fold_batch and dense is None and idx.opset >= 5))
     return plans
 
 
@@ -94,7 +102,8 @@ def _reusable_weights(model: onnx.ModelProto, idx: GraphIndex, heads: list[Head]
     return out
 
 
-def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh=None, shapes=None) -> HeadPlan:
+def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh=None, shapes=None,
+               fold: bool = False) -> HeadPlan:
     """Keep mode: new tensors get fresh names and one Flatten writes the
     head's last original tensor. Dense mode (``dh``): the new nodes write
     the original tensor names, which now hold maps, through to the outputs."""
@@ -121,6 +130,15 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
         else:
             nodes.append(helper.make_node("Unsqueeze", [x], [out], name=namer(f"{x}_unsqueeze"), axes=axes))
         x = out
+    if fold:
+        c, sizes = col.feature_shape[0], col.feature_shape[1:]
+        t1, t2, shape = namer(f"{x}_cn"), namer(f"{x}_batch_folded"), namer(f"{x}_fold_shape")
+        nodes.append(helper.make_node("Transpose", [x], [t1], name=namer(f"{x}_to_cn"),
+                                      perm=[1, 0] + list(range(2, 2 + spatial))))
+        inits.append((shape, np.array([1, c, -1] + list(sizes[1:]), dtype=np.int64)))
+        nodes.append(helper.make_node("Reshape", [t1, shape], [t2], name=namer(f"{x}_fold")))
+        x = t2
+    first_conv = True
     retyped = []
     keys = {id(fc): (key, fshape, perm) for fc, key, fshape, perm in _kernel_keys(head)}
     for item in head.items:
@@ -143,8 +161,12 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
                         _elem_type(idx, item.weight)), copy=False)))
                     conv_inputs.append(bname)
             out = item.output if dh is not None else namer(f"{item.output}_conv")
+            attrs = {"kernel_shape": list(fshape[1:])}
+            if fold and first_conv:
+                attrs["strides"] = [int(fshape[1])] + [1] * (spatial - 1)
+            first_conv = False
             nodes.append(helper.make_node("Conv", conv_inputs, [out], name=item.nodes[0].name or namer(item.name),
-                                          kernel_shape=list(fshape[1:])))
+                                          **attrs))
             x = out
         else:
             if item.identity:
@@ -165,6 +187,11 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
             nodes.append(node)
             x = out
     if dh is None:
+        if fold:  # [1, M, N, 1...] -> [N, M, 1, 1...]
+            t = namer(f"{head.end}_unfolded")
+            nodes.append(helper.make_node("Transpose", [x], [t], name=namer(f"{head.end}_unfold"),
+                                          perm=[2, 1, 0] + list(range(3, 2 + spatial))))
+            x = t
         nodes.append(helper.make_node("Flatten", [x], [head.end], name=namer(f"{head.end}_flatten"), axis=1))
     else:
         from .dense import plan_tail

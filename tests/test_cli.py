@@ -121,3 +121,24 @@ def test_input_shape_onnxsim_spelling(model_path, tmp_path):
 def test_usage_error_is_exit_2():
     r = cli("convert")
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_progress_only_on_a_terminal(model_path, tmp_path, monkeypatch, capsys):
+    from onnx_fc2conv import cli as cli_mod
+    out = tmp_path / "o.onnx"
+    assert cli_mod.main(["convert", str(model_path), "-o", str(out), "--check"]) == 0
+    assert capsys.readouterr().err == ""  # not a terminal: quiet
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert cli_mod.main(["convert", str(model_path), "-o", str(out), "--check"]) == 0
+    err = capsys.readouterr().err
+    assert "loading and converting" in err and "checking on cpu" in err and "writing" in err
+    assert cli_mod.main(["convert", str(model_path), "-o", str(out), "--check", "-q"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_fold_batch_from_the_cli(model_path, tmp_path):
+    r = cli("convert", model_path, "-o", tmp_path / "o.onnx", "--fold-batch", "--check")
+    assert r.returncode == 0 and "PASSED" in r.stdout, r.stderr
+    assert "Reshape" in ops(onnx.load(tmp_path / "o.onnx"))
+    r = cli("convert", model_path, "-o", tmp_path / "d.onnx", "--fold-batch", "--dense")
+    assert r.returncode == 2 and "--fold-batch is for keep mode" in r.stderr

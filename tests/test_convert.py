@@ -245,3 +245,36 @@ def test_transb1_weight_becomes_its_kernel_in_place():
     result0 = assert_converts(head_model(fc="gemm_tb0"), convs=2)
     first_conv = [n for n in result0.model.graph.node if n.op_type == "Conv"][1]
     assert first_conv.input[1].endswith("_conv")
+
+
+@pytest.mark.parametrize("batch", [1, 3, "N"])
+@pytest.mark.parametrize("feature_shape", MAPS, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("fc,chain", [("gemm_tb1", ("Relu", "BatchNormalization")),
+                                      ("matmul_add", ("PRelu", "AddPerFeature")),
+                                      ("gemm_tb0", ("MulPerFeature", "Clip"))])
+def test_fold_batch_layout(fc, chain, feature_shape, batch):
+    """--fold-batch: [N,C,H,W] -> [1,C,N*H,W], one Conv with stride H for the
+    whole batch; still every FC a Conv, still equal."""
+    from onnx_fc2conv import convert as conv
+    model = head_model(feature_shape=feature_shape, batch=batch, fc=fc, chain=chain, softmax=True)
+    result = conv(model, fold_batch=True)
+    onnx.checker.check_model(result.model, full_check=True)
+    seq = ops(result.model)
+    assert "Gemm" not in seq and "MatMul" not in seq and seq.count("Conv") == 3
+    first = [n for n in result.model.graph.node if n.op_type == "Conv"][1]
+    strides = [a for a in first.attribute if a.name == "strides"][0].ints
+    assert list(strides) == [feature_shape[1]] + [1] * (len(feature_shape) - 2)
+    for b in ([batch] if isinstance(batch, int) else [1, 4]):
+        feeds = feeds_for(model, b)
+        np.testing.assert_allclose(run(result.model, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_fold_batch_on_nhwc_and_pool_heads():
+    from onnx_fc2conv import convert as conv
+    from pathlib import Path
+    for name in ("keras_flatten_dense_tf2onnx.onnx", "mnasnet0_5_dynbatch_ts.onnx", "alexnet_view_dynbatch_ts.onnx"):
+        path = Path(__file__).parent / "fixtures" / name
+        model = onnx.load(path)
+        result = conv(path, fold_batch=True)
+        feeds = feeds_for(model, 3)
+        np.testing.assert_allclose(run(result.model, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)
