@@ -66,6 +66,25 @@ def _overrides(input_shapes) -> dict[str, list[int]]:
     return shapes_mod.parse_input_shapes(list(input_shapes))
 
 
+def _find(model: onnx.ModelProto, overrides: dict):
+    """Shapes and heads; where the first FC's map has symbolic spatial dims
+    and no --input-shape was given, the native size is derived from K."""
+    shapes_mod.validate_overrides(model, overrides)
+    infos = shapes_mod.infer(model, overrides)
+    try:
+        heads, layers = find.find_heads(model, infos)
+    except find.NeedsInputShape as exc:
+        derived = shapes_mod.derive_native(model, exc.tensor, exc.k, overrides)
+        if derived is None:
+            raise
+        log.warning("native input size derived from FC %r (K=%d): %s", exc.fc_name, exc.k,
+                    ", ".join(f"{n}={','.join(map(str, d))}" for n, d in derived.items() if n not in overrides))
+        overrides = derived
+        infos = shapes_mod.infer(model, overrides)
+        heads, layers = find.find_heads(model, infos)
+    return overrides, infos, heads, layers
+
+
 def _corrupt_strings(fn):
     """protobuf decodes a string field only when it is read: a corrupt file
     may fail there, anywhere in the pipeline. That is bad input, not a bug."""
@@ -101,9 +120,7 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
     """
     overrides = _overrides(input_shapes)
     loaded = load_mod.load(model)
-    shapes_mod.validate_overrides(loaded.model, overrides)
-    infos = shapes_mod.infer(loaded.model, overrides)
-    heads, layers = find.find_heads(loaded.model, infos)
+    overrides, infos, heads, layers = _find(loaded.model, overrides)
     dense_plan = dense_mod.analyse(loaded.model, infos, heads, layers, overrides) if dense and heads else None
     plans = plan_mod.plan_heads(loaded.model, heads, dense_plan, infos, fold_batch=fold_batch)
     rewrite.apply(loaded.model, plans)
@@ -119,9 +136,7 @@ def inspect(model, input_shapes=None) -> InspectResult:
     """List every FC layer: what it consumes and what it would become, or why not."""
     overrides = _overrides(input_shapes)
     loaded = load_mod.load(model)
-    shapes_mod.validate_overrides(loaded.model, overrides)
-    infos = shapes_mod.infer(loaded.model, overrides)
-    heads, layers = find.find_heads(loaded.model, infos)
+    overrides, infos, heads, layers = _find(loaded.model, overrides)
     geometry, reason = [], None
     if heads:
         try:

@@ -240,11 +240,9 @@ def plan_tail(idx: GraphIndex, node: onnx.NodeProto, spatial: int, m: int, namer
     inits = []
     if op in BINARY or op == "PRelu":
         for i, inp in enumerate(node.input):
-            v = idx.value(inp) if inp and inp not in () else None
-            if v is None or i == 0 and op == "PRelu":
-                continue
-            if idx.producer.get(inp) is None and inp not in idx.initializers:
-                continue
+            v = idx.value(inp) if inp else None
+            if v is None:
+                continue  # the scores themselves, or an absent input
             try:
                 reshaped = kernels.per_feature(v, m, spatial)
             except kernels.NotPerFeature:

@@ -458,6 +458,15 @@ class _NeedsShape(Exception):
         self.tensor, self.shape = tensor, shape
 
 
+class NeedsInputShape(Fc2ConvError):
+    """The first FC's map has symbolic spatial dims: the native input size
+    must be given (or derived from the FC's K, see api.convert)."""
+
+    def __init__(self, message: str, fc_name: str, k: int, tensor: str):
+        super().__init__(message)
+        self.fc_name, self.k, self.tensor = fc_name, k, tensor
+
+
 def find_heads(model: onnx.ModelProto, shapes: dict[str, TensorInfo]) -> tuple[list[Head], list[Layer]]:
     """Every FC layer of the model: heads to convert, and a record per FC."""
     mt = _Matcher(model, shapes)
@@ -478,7 +487,7 @@ def find_heads(model: onnx.ModelProto, shapes: dict[str, TensorInfo]) -> tuple[l
         try:
             col = mt.match_collapse(fc.input)
         except _NeedsShape as exc:
-            raise Fc2ConvError(_needs_shape_message(model, fc, exc)) from None
+            raise NeedsInputShape(_needs_shape_message(model, fc, exc), fc.name, fc.k, exc.tensor) from None
         if isinstance(col, str):
             layers.append(Layer(fc.name, fc.op, input_shape=_fmt_shape(mt.shape(fc.input)), reason=col))
             continue

@@ -67,6 +67,47 @@ def input_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
             for i in model.graph.input if i.name not in inits}
 
 
+def derive_native(model: onnx.ModelProto, tensor: str, k: int, overrides: dict) -> dict | None:
+    """The native input size, from the first FC's K, when it is unambiguous:
+    the image input's symbolic spatial dims set to one size ``s`` (a square
+    image) for which the map ``tensor`` has C*prod(spatial) == K. K(s) does
+    not shrink as s grows, so a binary search over s finds it; the batch
+    stays symbolic. None when no such size exists."""
+    infos = input_infos(model)
+    free = {name: [i for i, d in enumerate(info.shape or ()) if i > 0 and not isinstance(d, int)]
+            for name, info in infos.items() if name not in overrides}
+    free = {n: axes for n, axes in free.items() if axes}
+    if len(free) != 1:
+        return None
+    name, axes = next(iter(free.items()))
+    base = list(infos[name].shape)
+
+    def k_at(size: int):
+        dims = [size if i in axes else (d if isinstance(d, int) else (d or "N")) for i, d in enumerate(base)]
+        try:
+            shape = infer(model, {**overrides, name: dims}).get(tensor)
+        except Fc2ConvError:
+            return -1, dims
+        if shape is None or shape.shape is None or not all(isinstance(d, int) for d in shape.shape[1:]):
+            return -1, dims
+        n = 1
+        for d in shape.shape[1:]:
+            n *= d
+        return n, dims
+
+    lo, hi = 1, 4096
+    if k_at(hi)[0] < k:
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if k_at(mid)[0] < k:
+            lo = mid + 1
+        else:
+            hi = mid
+    found, dims = k_at(lo)
+    return {**overrides, name: dims} if found == k else None
+
+
 def validate_overrides(model: onnx.ModelProto, overrides: dict[str, list[int]]) -> None:
     infos = input_infos(model)
     for name, dims in overrides.items():
@@ -111,7 +152,10 @@ def light_model(model: onnx.ModelProto, overrides: dict[str, list[int]] | None =
             shape = vi.type.tensor_type.shape
             shape.ClearField("dim")
             for d in overrides[inp.name]:
-                shape.dim.add().dim_value = d
+                if isinstance(d, str):
+                    shape.dim.add().dim_param = d  # a derived size keeps a symbolic batch
+                else:
+                    shape.dim.add().dim_value = d
     for t in graph.initializer:
         n = 1
         for d in t.dims:

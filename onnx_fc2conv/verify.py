@@ -157,7 +157,7 @@ def concrete_shapes(model: onnx.ModelProto, overrides: dict[str, list[int]], bat
     shapes = {}
     for name, info in input_infos(model).items():
         if name in overrides:
-            shapes[name] = list(overrides[name])
+            shapes[name] = [batch if isinstance(d, str) else d for d in overrides[name]]
             continue
         if info.shape is None:
             raise Fc2ConvError(f"input {name!r} has no declared shape; give it with --input-shape {name}=D0,D1,...")

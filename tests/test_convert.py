@@ -8,7 +8,7 @@ import pytest
 
 from builders import CHAIN_OPS, COLLAPSES, FCS, head_model
 from helpers import assert_converts, feeds_for, ops, parse, run
-from onnx_fc2conv import Fc2ConvError, convert, inspect
+from onnx_fc2conv import Fc2ConvError, check, convert, inspect
 
 MAPS = [(4, 3, 3), (2, 5, 3), (3, 7), (2, 3, 4, 2), (5, 1, 1)]
 
@@ -180,18 +180,37 @@ def test_k_mismatch_is_an_error():
         convert(model)
 
 
-def test_symbolic_spatial_dims_ask_for_input_shape():
+def test_symbolic_spatial_dims_native_size_derived_from_k():
+    """[N,2,H,W] -> MaxPool 2 -> FC with K=2*3*3: the smallest square input
+    giving a 3x3 map is 6x6; the check runs there, batch stays free."""
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,2,H,W] x) => (float[N,4] y) {
+          p = MaxPool <kernel_shape=[2,2], strides=[2,2]> (x)
+          f = Flatten(p)
+          y = Gemm <transB=1> (f, w)
+        }""", w=np.random.default_rng(0).standard_normal((4, 18)).astype(np.float32))
+    result = convert(model)
+    assert result.input_shapes == {"x": ["N", 2, 6, 6]}
+    assert result.layers[0].kernel == [3, 3]
+    assert result.model.graph.input[0].SerializeToString() == model.graph.input[0].SerializeToString()
+    report = check(model, result.model, input_shapes={"x": [2, 2, 6, 6]})
+    assert report
+
+
+def test_symbolic_spatial_dims_ambiguous_ask_for_input_shape():
+    """K=20 with C=2: no square map has 10 positions, so the tool asks."""
     model = parse("""
         <ir_version: 8, opset_import: ["" : 13]>
         g (float[N,2,H,W] x) => (float[N,4] y) {
           f = Flatten(x)
           y = Gemm <transB=1> (f, w)
-        }""", w=np.ones((4, 18), np.float32))
+        }""", w=np.ones((4, 20), np.float32))
     with pytest.raises(Fc2ConvError, match=r"--input-shape x=1,2,<H>,<W>"):
         convert(model)
-    result = convert(model, input_shapes=["x=2,2,3,3"])
+    result = convert(model, input_shapes=["x=2,2,5,2"])
     assert ops(result.model) == ["Conv", "Flatten"]
-    feeds = {"x": np.random.default_rng(0).standard_normal((2, 2, 3, 3)).astype(np.float32)}
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 2, 5, 2)).astype(np.float32)}
     np.testing.assert_allclose(run(result.model, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
 
 
