@@ -255,7 +255,13 @@ def main(argv=None) -> int:
     except Fc2ConvError as exc:
         if args.debug:
             raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        message = str(exc)
+        source = getattr(args, "input", None) or getattr(args, "original", None)
+        files = [str(v) for v in (getattr(args, k, None) for k in ("input", "output", "original", "converted",
+                                                                    "inputs", "report")) if v]
+        if source and not any(f in message for f in files):
+            message = f"{source}: {message}"  # every error names the file it is about
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
