@@ -29,7 +29,7 @@ from onnx import helper
 
 from . import kernels
 from .errors import Fc2ConvError
-from .find import BINARY, GLOBAL_POOLS, REDUCES, UNARY, Head, Layer
+from .find import BINARY, GLOBAL_POOLS, REDUCES, UNARY, Head, Layer, global_reduce_rank
 from .geometry import Axis, Tracer
 from .graph import GraphIndex, attr, node_label
 from .shapes import TensorInfo
@@ -106,7 +106,7 @@ def _analyse_head(idx: GraphIndex, shapes, tracer: Tracer, head: Head) -> DenseH
     if producer is not None:
         op = producer.op_type
         label = f"{op} {node_label(producer)!r}"
-        is_global = op in GLOBAL_POOLS or (op in REDUCES and (col.unsqueeze or _reduces_spatial(idx, shapes, producer)))
+        is_global = op in GLOBAL_POOLS or (op in REDUCES and (col.unsqueeze or global_reduce_rank(idx, shapes, producer) > 0))
         covering = op in ("AveragePool", "MaxPool") and all(d == 1 for d in col.feature_shape[1:])
         if is_global or covering:
             if op in ("GlobalAveragePool", "ReduceMean", "AveragePool"):
@@ -137,18 +137,6 @@ def _analyse_head(idx: GraphIndex, shapes, tracer: Tracer, head: Head) -> DenseH
         axes.append(geo[axis])
     tail, outputs = _tail(idx, head)
     return DenseHead(head, source, window, pool, pool_op, tuple(tail), tuple(outputs), tuple(axes))
-
-
-def _reduces_spatial(idx, shapes, node) -> bool:
-    ishape = _shape(shapes, node.input[0])
-    if ishape is None or len(ishape) < 3:
-        return False
-    axes = attr(node, "axes", None)
-    if axes is None and len(node.input) > 1 and node.input[1]:
-        v = idx.value(node.input[1])
-        axes = None if v is None else [int(x) for x in v.reshape(-1)]
-    rank = len(ishape)
-    return bool(axes) and sorted(a % rank for a in axes) == list(range(2, rank))
 
 
 def _tail(idx: GraphIndex, head: Head):

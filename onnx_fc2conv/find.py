@@ -260,27 +260,7 @@ class _Matcher:
         return Collapse(src, perm, feature_shape, nodes, "+".join(ops) or "-", layout, unsqueeze)
 
     def _global_reduce_rank(self, node: onnx.NodeProto, keepdims: int) -> int:
-        """Spatial rank a reduction removes if it reduces all spatial axes of a
-        [N, C, *S] map with the given keepdims; else 0."""
-        if node.op_type not in REDUCES or node.domain not in ("", "ai.onnx"):
-            return 0
-        ishape = self.shape(node.input[0])
-        if ishape is None or len(ishape) < 3:
-            return 0
-        if int(attr(node, "keepdims", 1)) != keepdims:
-            return 0
-        axes = attr(node, "axes", None)
-        if axes is None and len(node.input) > 1 and node.input[1]:
-            v = self.idx.value(node.input[1])
-            if v is None:
-                return 0
-            axes = [int(x) for x in v.reshape(-1)]
-        if not axes:
-            return 0
-        rank = len(ishape)
-        if sorted(a % rank for a in axes) != list(range(2, rank)):
-            return 0
-        return rank - 2
+        return global_reduce_rank(self.idx, self.shapes, node, keepdims)
 
     def _keeps_batch(self, fshape, transpose, forward, k, unsqueeze) -> str | None:
         """None if the collapse maps F [b, ...] to [b, K] for every batch b it can see."""
@@ -446,6 +426,29 @@ class _Matcher:
     def _rank(self, name):
         s = self.shape(name)
         return None if s is None else len(s)
+
+
+def global_reduce_rank(idx: GraphIndex, shapes: dict, node: onnx.NodeProto, keepdims: int | None = None) -> int:
+    """The spatial rank a reduction removes when it reduces every spatial axis
+    of a ``[N, C, *S]`` map (with ``keepdims`` as given, or either); else 0."""
+    if node.op_type not in REDUCES or node.domain not in ("", "ai.onnx"):
+        return 0
+    info = shapes.get(node.input[0])
+    ishape = None if info is None else info.shape
+    if ishape is None or len(ishape) < 3:
+        return 0
+    if keepdims is not None and int(attr(node, "keepdims", 1)) != keepdims:
+        return 0
+    axes = attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        v = idx.value(node.input[1])
+        if v is None:
+            return 0
+        axes = [int(x) for x in v.reshape(-1)]
+    rank = len(ishape)
+    if not axes or sorted(a % rank for a in axes) != list(range(2, rank)):
+        return 0
+    return rank - 2
 
 
 class _Unknown(Exception):

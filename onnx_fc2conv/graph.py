@@ -149,16 +149,13 @@ def tensor_value(t: onnx.TensorProto) -> np.ndarray:
     """A tensor's data, refusing data that does not match its dims (an
     untrusted file may declare any dims) before numpy allocates anything."""
     from .errors import Fc2ConvError
+    from .load import declared_bytes
 
-    n = 1
-    for d in t.dims:
-        if d < 0:
-            raise Fc2ConvError(f"tensor {t.name!r} has a negative dim {list(t.dims)}")
-        n *= d
-    try:
-        item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    except (KeyError, TypeError, ValueError):
-        raise Fc2ConvError(f"tensor {t.name!r} has an unknown data type {t.data_type}") from None
+    if any(d < 0 for d in t.dims):
+        raise Fc2ConvError(f"tensor {t.name!r} has a negative dim {list(t.dims)}")
+    need = declared_bytes(t)
+    if need is None:
+        raise Fc2ConvError(f"tensor {t.name!r} has an unknown data type {t.data_type}")
     if t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL:
         from .load import external_bytes
 
@@ -168,14 +165,9 @@ def tensor_value(t: onnx.TensorProto) -> np.ndarray:
         inline.dims.extend(t.dims)
         inline.raw_data = data
         t = inline
-    if t.HasField("raw_data"):
-        have = len(t.raw_data)
-        if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1):
-            need = (n + 1) // 2
-        else:
-            need = n * item
-        if have != need:
-            raise Fc2ConvError(f"tensor {t.name!r} declares dims {list(t.dims)} ({need} bytes) but holds {have} bytes")
+    if t.HasField("raw_data") and len(t.raw_data) != need:
+        raise Fc2ConvError(f"tensor {t.name!r} declares dims {list(t.dims)} ({need} bytes) but holds "
+                           f"{len(t.raw_data)} bytes")
     try:
         return numpy_helper.to_array(t)
     except Exception as exc:  # malformed tensor data in the file

@@ -79,7 +79,7 @@ def external_bytes(t: onnx.TensorProto) -> bytes:
     info = {e.key: e.value for e in t.external_data}
     offset = int(info.get("offset", 0) or 0)
     length = info.get("length")
-    size = int(length) if length is not None else _declared_bytes(t)
+    size = int(length) if length is not None else declared_bytes(t)
     with open(info["location"], "rb") as f:
         f.seek(offset)
         data = f.read(size) if size is not None else f.read()
@@ -125,7 +125,7 @@ def _load_external(model: onnx.ModelProto, path: Path) -> None:
             length = None if length is None else int(length)
         except ValueError:
             raise Fc2ConvError(f"{path}: tensor {t.name!r} has a malformed external data offset or length") from None
-        declared = _declared_bytes(t)
+        declared = declared_bytes(t)
         if offset < 0 or offset > size or (length is not None and (length < 0 or offset + length > size)) \
                 or (declared is not None and offset + declared > size):
             raise Fc2ConvError(f"{path}: tensor {t.name!r} (dims {list(t.dims)}) reads past the end of {loc!r}; "
@@ -135,7 +135,7 @@ def _load_external(model: onnx.ModelProto, path: Path) -> None:
         _set_location(t, str(target))
 
 
-def _declared_bytes(t: onnx.TensorProto) -> int | None:
+def declared_bytes(t: onnx.TensorProto) -> int | None:
     import numpy as np
     from onnx import helper
 

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from .errors import Fc2ConvError
-from .load import _declared_bytes, external_bytes, has_external, is_external
+from .load import declared_bytes, external_bytes, has_external, is_external
 
 PROTO_LIMIT = 2**31 - 1
 _EXTERNAL_MIN = 1024  # tensors of at least this many bytes go to the data file
@@ -65,7 +65,7 @@ def estimated_size(model: onnx.ModelProto) -> int:
     byte of a large model): weights plus a generous allowance for the rest."""
     total = 1 << 20
     for t in _all_tensors(model):
-        n = _declared_bytes(t)
+        n = declared_bytes(t)
         total += (n if n is not None else 0) + 64
     return total
 
@@ -171,7 +171,7 @@ def _save_external(model: onnx.ModelProto, path: Path, folder: Path, share_data:
                     ("location", source.name)] + [(k, info[k]) for k in ("offset", "length") if k in info]}))
                 shared.add(source)
                 continue
-            length = _declared_bytes(t)
+            length = declared_bytes(t)
             read = (lambda t=t: external_bytes(t))
         elif t.HasField("raw_data") and len(t.raw_data) >= _EXTERNAL_MIN:
             raw = t.raw_data
