@@ -297,3 +297,62 @@ def test_fold_batch_on_nhwc_and_pool_heads():
         result = conv(path, fold_batch=True)
         feeds = feeds_for(model, 3)
         np.testing.assert_allclose(run(result.model, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+# -- constant expressions, dtypes, graphsurgeon entry --------------------------
+
+def test_weight_and_bias_as_constant_expressions():
+    """Older converters: the weight is a Transpose/Reshape of an initializer,
+    the bias a ConstantOfShape; they are folded into the kernel."""
+    rng = np.random.default_rng(3)
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,2,3,3] x) => (float[N,4] y) {
+          f = Flatten(x)
+          wt = Transpose <perm=[1,0]> (w_km)
+          w2 = Reshape(wt, wshape)
+          b = ConstantOfShape <value = float[1] {0.25}> (bshape)
+          h = Gemm <transB=1> (f, w2, b)
+          y = Relu(h)
+        }""", w_km=rng.standard_normal((18, 4)).astype(np.float32), wshape=np.array([4, 18], np.int64),
+        bshape=np.array([4], np.int64))
+    result = assert_converts(model, convs=1)
+    assert not {"Transpose", "ConstantOfShape"} & set(ops(result.model))
+
+
+def test_bfloat16_is_kept():
+    """onnxruntime's CPU has no bfloat16 Gemm/Conv: compare in onnx.reference."""
+    from onnx.reference import ReferenceEvaluator
+
+    import ml_dtypes
+    rng = np.random.default_rng(4)
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (bfloat16[N,2,3,3] x) => (bfloat16[N,4] y) {
+          f = Flatten(x)
+          h = Gemm <transB=1, alpha=0.5> (f, w, b)
+          y = Relu(h)
+        }""", w=rng.standard_normal((4, 18)).astype(ml_dtypes.bfloat16),
+        b=rng.standard_normal(4).astype(ml_dtypes.bfloat16))
+    result = convert(model)
+    assert ops(result.model) == ["Conv", "Relu", "Flatten"]
+    assert {t.data_type for t in result.model.graph.initializer} == {onnx.TensorProto.BFLOAT16}
+    x = rng.standard_normal((2, 2, 3, 3)).astype(ml_dtypes.bfloat16)
+    want = ReferenceEvaluator(model).run(None, {"x": x})[0].astype(np.float32)
+    got = ReferenceEvaluator(result.model).run(None, {"x": x})[0].astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=5e-2, atol=5e-2)
+
+
+def test_graphsurgeon_entry():
+    import onnx_graphsurgeon as gs
+
+    from onnx_fc2conv import convert_graph
+    model = head_model(chain=("Relu", "Dropout"), softmax=True)
+    graph = gs.import_onnx(model)
+    new = convert_graph(graph)
+    assert isinstance(new, gs.Graph) and new is not graph
+    assert [n.op for n in graph.nodes].count("Gemm") == 2, "the caller's graph was changed"
+    out = gs.export_onnx(new)
+    assert "Gemm" not in ops(out)
+    feeds = feeds_for(model, 3)
+    np.testing.assert_allclose(run(out, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)
