@@ -245,7 +245,7 @@ class _Matcher:
             return reason
         ops = [n.op_type for n in reversed(walked)]
         for i, n in enumerate(reversed(walked)):
-            if n.op_type == "Reshape" and idx.value(n.input[1]) is None:
+            if n.op_type == "Reshape" and len(n.input) > 1 and idx.value(n.input[1]) is None:
                 ops[i] = "Reshape(shape chain)"
         if transpose is not None:
             ops.insert(0, "Transpose")
@@ -310,7 +310,10 @@ class _Matcher:
             it = iter(shape)
             return [1 if i in axes else next(it) for i in range(out_rank)]
         if op == "Reshape":
-            target = [int(x) for x in self.eval_shape_tensor(node.input[1], b, batch_sym).reshape(-1)]
+            if len(node.input) > 1 and node.input[1]:
+                target = [int(x) for x in self.eval_shape_tensor(node.input[1], b, batch_sym).reshape(-1)]
+            else:  # Reshape-1 (opset < 5) holds its shape as an attribute
+                target = [int(x) for x in attr(node, "shape", [])]
             allowzero = int(attr(node, "allowzero", 0))
             out = [shape[i] if (d == 0 and not allowzero) else d for i, d in enumerate(target)]
             total = int(np.prod(shape))

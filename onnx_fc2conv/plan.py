@@ -90,7 +90,10 @@ def _reusable_weights(model: onnx.ModelProto, idx: GraphIndex, heads: list[Head]
     for head in heads:
         for fc, key, _, perm in _kernel_keys(head):
             keys.setdefault(fc.weight, set()).add(key if (fc.trans_b and fc.alpha == 1.0 and perm is None) else None)
-    inputs = {i.name for i in model.graph.input}
+    # An initializer that is also a graph input may be fed by the user (IR >= 4):
+    # its dims are not ours to change. Under IR < 4 every initializer is
+    # listed as an input, and the rewrite updates that listing too.
+    inputs = {i.name for i in model.graph.input} if model.ir_version >= 4 else set()
     out = {}
     for name, ks in keys.items():
         if len(ks) != 1 or None in ks or name not in idx.initializers or name in inputs:

@@ -39,12 +39,18 @@ def apply(model: onnx.ModelProto, plans: list[HeadPlan]) -> None:
             new_nodes.append(node)
     _replace_nodes(graph, new_nodes)
     by_name = {t.name: t for t in graph.initializer}
+    listed = {i.name: i for i in graph.input}
     for plan in plans:
         for name, dims in plan.retyped:
             tensor = by_name[name]
             if list(tensor.dims) != list(dims):
                 del tensor.dims[:]
                 tensor.dims.extend(dims)
+                if name in listed:  # IR < 4: the initializer's input listing follows
+                    shape = listed[name].type.tensor_type.shape
+                    del shape.dim[:]
+                    for d in dims:
+                        shape.dim.add().dim_value = d
     legacy = model.ir_version < 4  # IR < 4: every initializer is also a graph input
     for plan in plans:
         for name, value in plan.initializers:

@@ -237,3 +237,34 @@ def test_dense_check_detects_a_wrong_model():
             t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
     report = check(model, bad, dense=True)
     assert not report and any(not o.passed for o in report.outputs)
+
+
+def test_caffe2_era_model_ir3_opset8():
+    """The model zoo's Caffe2-era files: IR 3 (every initializer is an input),
+    opset 8, the Reshape shape an initializer input, Dropout with a mask
+    output, Softmax with the old 2-D coercion."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {"cw": w(4, 3, 3, 3), "cb": w(4), "shape": np.array([1, -1], np.int64), "w1": w(16, 4 * 5 * 5),
+             "b1": w(16), "w2": w(10, 16), "b2": w(10)}
+    nodes = [helper.make_node("Conv", ["data", "cw", "cb"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Reshape", ["p", "shape"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "w1", "b1"], ["fc6"], transB=1),
+             helper.make_node("Relu", ["fc6"], ["fc6r"]),
+             helper.make_node("Dropout", ["fc6r"], ["fc6d", "mask"], ratio=0.5),
+             helper.make_node("Gemm", ["fc6d", "w2", "b2"], ["fc7"], transB=1),
+             helper.make_node("Softmax", ["fc7"], ["prob"])]
+    graph = helper.make_graph(
+        nodes, "caffe2", [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 10, 10])] +
+        [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in inits.items()],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 10])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)], ir_version=3)
+    onnx.checker.check_model(model)
+    keep = assert_converts(model, convs=2, batch=1)
+    assert all(layer.converted for layer in keep.layers)
+    assert {i.name for i in keep.model.graph.input} >= {"data", "w1", "w2"}  # IR 3: weights listed as inputs
+    result, report = assert_dense(model)
+    assert ops(result.model)[-3:] == ["Transpose", "Softmax", "Transpose"]
