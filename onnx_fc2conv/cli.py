@@ -161,7 +161,7 @@ def _cmd_convert(args, out) -> int:
         out(line)
     if args.check:
         progress(f"checking on {args.provider} ({'dense windows' if args.dense else 'keep mode'})")
-    if args.check and args.dense:
+    if args.check and args.dense and result.changed:
         if args.inputs:
             raise Fc2ConvError("--inputs is not used by the dense check, which makes its own larger inputs")
         from .windows import check_dense

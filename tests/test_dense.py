@@ -268,3 +268,20 @@ def test_caffe2_era_model_ir3_opset8():
     assert {i.name for i in keep.model.graph.input} >= {"data", "w1", "w2"}  # IR 3: weights listed as inputs
     result, report = assert_dense(model)
     assert ops(result.model)[-3:] == ["Transpose", "Softmax", "Transpose"]
+
+
+def test_dense_on_a_model_without_fc_is_the_model_unchanged(tmp_path):
+    """SqueezeNet-like: convolutions and a global pool, no FC."""
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,3,8,8] x) => (float[N,4] y) {
+          c = Conv <kernel_shape=[1,1]> (x, cw)
+          p = GlobalAveragePool(c)
+          y = Flatten(p)
+        }""", cw=w(4, 3, 1, 1))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    from onnx_fc2conv import cli
+    assert cli.main(["convert", str(path), "-o", str(tmp_path / "d.onnx"), "--dense", "--check", "-q"]) == 0
+    assert onnx.load(tmp_path / "d.onnx").graph.node[1].op_type == "GlobalAveragePool"
+    assert check(path, tmp_path / "d.onnx", dense=True)
