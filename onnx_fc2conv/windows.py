@@ -65,10 +65,12 @@ def check_dense(original: onnx.ModelProto, converted, *, provider="cpu", atol=No
     infos = shapes_mod.infer(original, overrides)
     heads, layers = find.find_heads(original, infos)
     if not heads:  # nothing was made dense: the models must simply be equal
+        from .load import load
         from .verify import check_models
 
+        conv_proto = converted if isinstance(converted, onnx.ModelProto) else load(converted, check=False).model
         return check_models(original, converted, provider=provider, atol=atol, rtol=rtol,
-                            input_shapes=input_shapes, seed=seed)
+                            input_shapes=input_shapes, seed=seed, converted_proto=conv_proto)
     plan = dense_mod.analyse(original, infos, heads, layers, overrides)
     out_types = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
     in_infos = shapes_mod.input_infos(original)
