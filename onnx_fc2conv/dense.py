@@ -23,14 +23,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 from onnx import helper
 
 from . import kernels
 from .errors import Fc2ConvError
 from .find import BINARY, GLOBAL_POOLS, REDUCES, UNARY, Head, Layer, global_reduce_rank
-from .geometry import Axis, Tracer
+from .geometry import Tracer
 from .graph import GraphIndex, attr, node_label
 from .shapes import TensorInfo
 

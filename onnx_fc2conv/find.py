@@ -375,7 +375,7 @@ class _Matcher:
         try:
             return run_nodes(order, feeds, name, idx.opset)
         except Exception as exc:  # the reference runtime's message is the reason
-            raise _Unknown(f"the reshape shape {name!r} could not be evaluated ({str(exc).splitlines()[0]})")
+            raise _Unknown(f"the reshape shape {name!r} could not be evaluated ({str(exc).splitlines()[0]})") from None
 
     # -- chain after the first FC ------------------------------------------
     def match_step(self, node: onnx.NodeProto, t: str, m: int, spatial_rank: int) -> Step | None:
@@ -409,9 +409,8 @@ class _Matcher:
                     consts.append((1, kernels.per_feature(slope, m, spatial_rank)))
                 except kernels.NotPerFeature:
                     return None
-            for i, inp in enumerate(node.input[1:], 1):
-                if inp and op != "PRelu" and op not in ("Clip", "Dropout") and idx.value(inp) is None:
-                    return None
+            if op not in ("PRelu", "Clip", "Dropout") and any(inp and idx.value(inp) is None for inp in node.input[1:]):
+                return None
             if op == "Clip" and any(inp and self._rank(inp) not in (0, None) for inp in node.input[1:]):
                 return None
             return Step(node, 0, tuple(consts))

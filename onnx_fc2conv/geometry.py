@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import onnx
 
 from .errors import Fc2ConvError
 from .graph import GraphIndex, attr, node_label

@@ -12,7 +12,7 @@ import onnx
 from onnx import helper
 
 from . import kernels
-from .find import FC, Head, Step
+from .find import FC, Head
 from .graph import GraphIndex
 
 

@@ -17,7 +17,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from .errors import Fc2ConvError

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from builders import head_model
-from helpers import assert_converts, ops, parse, run
+from helpers import assert_converts, ops, parse
 from onnx_fc2conv import Fc2ConvError, check, convert, inspect
 
 rng = np.random.default_rng(0)
@@ -153,7 +153,7 @@ def test_lenet_geometry_and_pixel_crops():
 
 def vgg16_geometry_model():
     """VGG16's layout with 1 channel per layer: geometry only depends on it."""
-    layers, nodes, inits, x, i = [2, 2, "M", 3, 3, "M"], [], {}, "x", 0
+    inits, x, i = {}, "x", 0
     cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
     lines = []
     for v in cfg:

@@ -6,7 +6,6 @@ positions."""
 
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 

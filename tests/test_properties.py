@@ -9,7 +9,6 @@ import io
 
 import numpy as np
 import onnx
-import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import conftest

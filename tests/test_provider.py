@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import onnx
 import pytest
 
 from builders import head_model

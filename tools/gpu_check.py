@@ -37,7 +37,6 @@ def main(argv=None) -> int:
               f"{', '.join(ort.get_available_providers())}", file=sys.stderr)
         return 2
     import numpy as np
-    import onnx
 
     import make_models
     from onnx_fc2conv import check, convert
