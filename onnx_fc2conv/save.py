@@ -126,6 +126,7 @@ def _atomic_write(folder: Path, path: Path, chunks) -> None:
 def _write_temp(folder: Path, name: str, chunks) -> str:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model gets the usual mode
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk() if callable(chunk) else chunk)
@@ -138,6 +139,12 @@ def _write_temp(folder: Path, name: str, chunks) -> str:
         _unlink(tmp)
         raise
     return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _rename(tmp: str, path: Path) -> None:

@@ -140,3 +140,15 @@ def test_several_external_files_and_relative_locations(tmp_path, capsys):
     assert len({e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"}) > 1
     out = tmp_path / "o.onnx"
     assert cli.main(["convert", str(folder / "m.onnx"), "-o", str(out), "--check"]) == 0
+
+
+def test_output_files_get_the_usual_mode(tmp_path):
+    """mkstemp creates 0600 files; the saved model and its data follow the umask."""
+    old = os.umask(0o022)
+    try:
+        result = convert(head_model(feature_shape=(8, 4, 4), m1=32))
+        files = save(result.model, tmp_path / "m.onnx", external_data=True)
+        for f in files:
+            assert (f.stat().st_mode & 0o777) == 0o644, f
+    finally:
+        os.umask(old)
