@@ -26,6 +26,7 @@ class ConversionResult:
     source: str | None = None
     input_shapes: dict = field(default_factory=dict)
     geometry: list = field(default_factory=list)   # dense mode: one entry per head
+    original_io: onnx.ModelProto | None = None     # the original's inputs, outputs and initializer names
 
     @property
     def converted(self) -> int:
@@ -64,6 +65,18 @@ def _overrides(input_shapes) -> dict[str, list[int]]:
     if isinstance(input_shapes, str):
         input_shapes = [input_shapes]
     return shapes_mod.parse_input_shapes(list(input_shapes))
+
+
+def _io_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What the keep-mode check needs of the original besides running it: its
+    inputs, outputs and initializer names (no weights), so the CLI need not
+    load a large original twice."""
+    skeleton = onnx.ModelProto()
+    skeleton.graph.input.extend(model.graph.input)
+    skeleton.graph.output.extend(model.graph.output)
+    for t in model.graph.initializer:
+        skeleton.graph.initializer.add().name = t.name
+    return skeleton
 
 
 def _find(model: onnx.ModelProto, overrides: dict):
@@ -120,6 +133,7 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
     """
     overrides = _overrides(input_shapes)
     loaded = load_mod.load(model)
+    original_io = _io_skeleton(loaded.model)
     overrides, infos, heads, layers = _find(loaded.model, overrides)
     dense_plan = dense_mod.analyse(loaded.model, infos, heads, layers, overrides) if dense and heads else None
     plans = plan_mod.plan_heads(loaded.model, heads, dense_plan, infos, fold_batch=fold_batch)
@@ -128,7 +142,8 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
         dense_mod.finish(loaded.model, dense_plan)
     log.info("converted %d of %d FC layers in %d head(s)", sum(l.converted for l in layers), len(layers), len(heads))
     return ConversionResult(loaded.model, layers, len(heads), dense, str(loaded.path) if loaded.path else None,
-                            overrides, [h.geometry_dict() for h in dense_plan.heads] if dense_plan else [])
+                            overrides, [h.geometry_dict() for h in dense_plan.heads] if dense_plan else [],
+                            original_io)
 
 
 @_corrupt_strings

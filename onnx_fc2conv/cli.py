@@ -171,7 +171,7 @@ def _cmd_convert(args, out) -> int:
     elif args.check:
         report = verify.check_models(args.input, result.model, provider=args.provider, inputs=args.inputs,
                                      atol=args.atol, rtol=args.rtol, input_shapes=result.input_shapes,
-                                     original_proto=_proto_of(args.input))
+                                     original_proto=result.original_io)
     if args.check:
         for line in report.lines():
             out(line)
