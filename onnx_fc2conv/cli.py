@@ -194,12 +194,12 @@ def _cmd_convert(args, out) -> int:
     return code
 
 
-def _geometry_lines(geometry) -> list[str]:
+def _geometry_lines(geometry, prefix: str = "dense") -> list[str]:
     lines = []
     for i, g in enumerate(geometry):
         axes = g["axes"]
         fmt = lambda key: "x".join(str(a[key]) for a in axes)  # noqa: E731
-        lines.append(f"dense head {i} -> {', '.join(g['outputs'])}: window {fmt('window')} of {g['window_source']!r}; "
+        lines.append(f"{prefix} head {i} -> {', '.join(g['outputs'])}: window {fmt('window')} of {g['window_source']!r}; "
                      f"in input pixels: stride {fmt('stride')}, receptive field {fmt('receptive_field')}, "
                      f"offset {fmt('offset')}" + (" (trunk pads)" if g["padded"] else ""))
     if geometry:
@@ -221,7 +221,7 @@ def _cmd_inspect(args, out) -> int:
     out(_summary(args.input, result.layers))
     for line in _layer_table(result.layers):
         out(line)
-    for line in _geometry_lines(result.geometry):
+    for line in _geometry_lines(result.geometry, "with --dense:"):
         out(line)
     if result.dense_reason:
         out(f"dense mode: not possible: {result.dense_reason}")
