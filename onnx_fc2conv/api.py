@@ -175,6 +175,9 @@ def check(original, converted, provider: str = "cpu", dense: bool = False, input
     if dense:
         from .windows import check_dense
 
+        if inputs is not None:
+            raise Fc2ConvError("--inputs is not used by the dense check, which makes its own larger inputs; "
+                               "leave it out")
         return check_dense(orig.model, conv.path or conv.model, provider=provider, atol=atol, rtol=rtol,
                            input_shapes=overrides, seed=seed)
     return verify.check_models(orig.path or orig.model, conv.path or conv.model,

@@ -285,3 +285,10 @@ def test_dense_on_a_model_without_fc_is_the_model_unchanged(tmp_path):
     assert cli.main(["convert", str(path), "-o", str(tmp_path / "d.onnx"), "--dense", "--check", "-q"]) == 0
     assert onnx.load(tmp_path / "d.onnx").graph.node[1].op_type == "GlobalAveragePool"
     assert check(path, tmp_path / "d.onnx", dense=True)
+
+
+def test_dense_check_refuses_inputs(tmp_path):
+    model = lenet()
+    np.savez(tmp_path / "in.npz", x=np.zeros((1, 1, 28, 28), np.float32))
+    with pytest.raises(Fc2ConvError, match="--inputs is not used by the dense check"):
+        check(model, convert(model, dense=True).model, dense=True, inputs=tmp_path / "in.npz")
