@@ -324,3 +324,34 @@ def test_real_process_one_line_no_traceback(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "notes.onnx: not an ONNX model" in r.stderr
+
+
+def test_interrupted_write_keeps_previous_output(tmp_path, capsys, good, monkeypatch):
+    """Ctrl-C in the middle of writing: exit 130, the previous output intact, no temporary file."""
+    save_mod = sys.modules["onnx_fc2conv.save"]
+    real_fdopen = os.fdopen
+
+    class Interrupted:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:10])
+            raise KeyboardInterrupt
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(save_mod.os, "fdopen", lambda fd, mode="r": Interrupted(real_fdopen(fd, mode)))
+    out = tmp_path / "out.onnx"
+    out.write_bytes(PREVIOUS)
+    code, _, err = run(["convert", good, "-o", out], capsys)
+    assert code == 130 and "interrupted" in err
+    assert out.read_bytes() == PREVIOUS
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
