@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 import onnx
 from onnx import helper
 
@@ -67,6 +69,7 @@ class DensePlan:
     heads: list[DenseHead]
     image_inputs: dict = field(default_factory=dict)   # input name -> spatial axes
     native: dict = field(default_factory=dict)         # input name -> native shape
+    trunk_reshapes: list = field(default_factory=list)  # (Reshape node, spatial rank, middle dims)
 
 
 def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[Head], layers: list[Layer],
@@ -83,6 +86,7 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
         out.heads.append(dh)
         for a in dh.geometry:
             out.image_inputs.setdefault(a.input, set()).add(a.input_axis)
+    out.trunk_reshapes = list(tracer.reshapes.values())
     for name, axes in out.image_inputs.items():
         info = shapes.get(name)
         native = overrides.get(name) or (list(info.shape) if info and info.shape else None)
@@ -242,6 +246,26 @@ def plan_tail(idx: GraphIndex, node: onnx.NodeProto, spatial: int, m: int, namer
     return [new], inits
 
 
+def plan_trunk_reshape(idx: GraphIndex, namer, node: onnx.NodeProto, s: int, middle: list):
+    """A Reshape that pins the spatial size (a channel shuffle) gets its
+    shape from its input: ``Concat(Shape(x)[0], middle, Shape(x)[-s:])``.
+    Returns (nodes, initializers)."""
+    x = node.input[0]
+    sh, b, sp, shape = (namer(f"{x}_shape"), namer(f"{x}_batch"), namer(f"{x}_spatial"), namer(f"{x}_dense_shape"))
+    first, last, mid = namer(f"{x}_i0"), namer(f"{x}_ispatial"), namer(f"{x}_middle")
+    inits = [(first, np.array([0], np.int64)), (last, np.arange(-s, 0, dtype=np.int64)),
+             (mid, np.array(middle, np.int64))]
+    reshape = onnx.NodeProto()
+    reshape.CopyFrom(node)
+    reshape.input[1] = shape
+    nodes = [helper.make_node("Shape", [x], [sh], name=namer(f"{node.name}_shape")),
+             helper.make_node("Gather", [sh, first], [b], name=namer(f"{node.name}_batch"), axis=0),
+             helper.make_node("Gather", [sh, last], [sp], name=namer(f"{node.name}_spatial"), axis=0),
+             helper.make_node("Concat", [b, mid, sp], [shape], name=namer(f"{node.name}_concat"), axis=0),
+             reshape]
+    return nodes, inits
+
+
 def symbolic_inputs(model: onnx.ModelProto, plan: DensePlan) -> None:
     """Make the image inputs' spatial dims symbolic, in place."""
     for inp in model.graph.input:
@@ -281,20 +305,29 @@ def finish(model: onnx.ModelProto, plan: DensePlan) -> None:
     symbolic_inputs(model, plan)
     del model.graph.value_info[:]
     head_outputs = {o for h in plan.heads for o in h.outputs}
+    spatial = len(plan.heads[0].window)
+    names = AXIS_NAMES.get(spatial, tuple(f"s{i}" for i in range(spatial)))
+    before = {}
     for o in model.graph.output:
         if o.name in head_outputs:
+            before[o.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                              for d in o.type.tensor_type.shape.dim]
             o.type.tensor_type.ClearField("shape")
     infos = shapes_mod.infer(model)
     for o in model.graph.output:
-        info = infos.get(o.name)
-        if o.name not in head_outputs or info is None or info.shape is None:
+        if o.name not in head_outputs:
             continue
+        info = infos.get(o.name)
+        # What inference found, else the original dims followed by the map's
+        # (an output of a channel-shuffled trunk may defeat inference).
+        dims = list(info.shape) if info is not None and info.shape is not None else \
+            before[o.name] + [None] * spatial
         shape = o.type.tensor_type.shape
-        for i, d in enumerate(info.shape):
+        for i, d in enumerate(dims):
             dim = shape.dim.add()
             if isinstance(d, int):
                 dim.dim_value = d
             elif isinstance(d, str) and d and not d.startswith("unk__"):
                 dim.dim_param = d
-            elif i >= len(info.shape) - len(plan.heads[0].window):
-                dim.dim_param = f"{o.name}_{AXIS_NAMES.get(len(plan.heads[0].window), ('s',) * 3)[i - (len(info.shape) - len(plan.heads[0].window))]}"
+            elif i >= len(dims) - spatial:
+                dim.dim_param = f"{o.name}_{names[i - (len(dims) - spatial)]}"

@@ -59,7 +59,7 @@ MIXING = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Insta
                     "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "Reshape", "Flatten",
                     "ConvTranspose", "MatMul", "Gemm", "GroupNormalization", "LayerNormalization",
                     "SpaceToDepth", "DepthToSpace", "RoiAlign", "MaxRoiPool", "Einsum", "ScatterND",
-                    "GatherND", "GridSample", "Expand", "Tile", "Slice", "Gather"})
+                    "GatherND", "GridSample", "Expand", "Tile"})
 
 
 class Tracer:
@@ -70,6 +70,10 @@ class Tracer:
         self.idx = idx
         self.shapes = shapes
         self.memo: dict[str, dict[int, Axis]] = {}
+        # Reshapes that only regroup the leading (non-spatial) axes but pin the
+        # spatial size in a constant: dense mode rewrites their shape from
+        # Shape(x). node id -> (node, spatial rank, middle dims)
+        self.reshapes: dict[int, tuple] = {}
 
     def _shape(self, name):
         info = self.shapes.get(name)
@@ -107,6 +111,10 @@ class Tracer:
             return {i: src[p] for i, p in enumerate(perm) if p in src}
         if op == "Pad":
             return self._pad(node)
+        if op == "Reshape" and node.domain in ("", "ai.onnx"):
+            return self._reshape(node)
+        if op in ("Slice", "Gather") and node.domain in ("", "ai.onnx"):
+            return self._select(node)
         if op in MIXING or node.domain not in ("", "ai.onnx"):
             srcs = [self.geo(i) for i in data]
             if any(s for s in srcs):
@@ -138,6 +146,59 @@ class Tracer:
                 out[axis] = Axis(a.input, a.input_axis, a.stride, max(a.receptive_field, b.receptive_field),
                                  min(a.offset, b.offset), a.padded or b.padded)
         return out
+
+    def _refuse(self, node, why: str):
+        raise Fc2ConvError(f"{node.op_type} {node_label(node)!r} in the trunk {why}, so the model cannot be made dense")
+
+    def _reshape(self, node) -> dict[int, Axis]:
+        """A Reshape that keeps the spatial axes last and untouched (a channel
+        shuffle's [N,C,H,W] -> [N,g,C/g,H,W]) maps them through; anything
+        else mixes positions."""
+        src = self.geo(node.input[0])
+        if not src:
+            return {}
+        ishape, oshape = self._shape(node.input[0]), self._shape(node.output[0])
+        spatial = sorted(src)
+        if ishape is None or oshape is None or len(node.input) < 2:
+            self._refuse(node, "reshapes spatial axes")
+        r_in, r_out, s = len(ishape), len(oshape), len(spatial)
+        target = self.idx.value(node.input[1])
+        # The spatial axes stay last with their sizes (where inference knows the
+        # input's); the batch entry is replaced by Shape(x)[0] when rewritten.
+        ok = (spatial == list(range(r_in - s, r_in)) and r_out > s
+              and all(isinstance(d, int) for d in oshape[1:])
+              and all(not isinstance(a, int) or a == b for a, b in zip(ishape[r_in - s:], oshape[r_out - s:]))
+              and target is not None and target.ndim == 1 and len(target) == r_out
+              and [int(d) for d in target[r_out - s:]] == [int(d) for d in oshape[r_out - s:]])
+        if not ok:
+            self._refuse(node, "reshapes spatial axes")
+        self.reshapes[id(node)] = (node, s, [int(d) for d in oshape[1:r_out - s]])
+        return {r_out - s + j: src[spatial[j]] for j in range(s)}
+
+    def _select(self, node) -> dict[int, Axis]:
+        """Slice/Gather along non-spatial axes (a channel split) keep positions."""
+        src = self.geo(node.input[0])
+        if not src:
+            return {}
+        rank = len(self._shape(node.input[0]) or ())
+        if node.op_type == "Gather":
+            axes = [int(attr(node, "axis", 0))]
+            if self.idx.value(node.input[1]) is None or self.idx.value(node.input[1]).ndim != 1:
+                self._refuse(node, "gathers with indices that change the rank")
+        else:
+            axes = attr(node, "axes", None)
+            if axes is None and len(node.input) > 3 and node.input[3]:
+                v = self.idx.value(node.input[3])
+                axes = None if v is None else [int(a) for a in v.reshape(-1)]
+            if axes is None:
+                starts = attr(node, "starts", None)
+                if starts is None and len(node.input) > 1:
+                    v = self.idx.value(node.input[1])
+                    starts = None if v is None else list(v.reshape(-1))
+                axes = list(range(len(starts))) if starts is not None else None
+        if axes is None or not rank or any(a % rank in src for a in axes):
+            self._refuse(node, "slices along a spatial axis")
+        return dict(src)
 
     def _windowed(self, node) -> dict[int, Axis]:
         src = self.geo(node.input[0])

@@ -64,7 +64,20 @@ def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=Non
     for i, head in enumerate(heads):
         plans.append(_plan_head(idx, namer, head, kernel_cache, dense.heads[i] if dense else None, shapes,
                                 fold_batch and dense is None and idx.opset >= 5))
+    if dense is not None:
+        plans.extend(plan_trunk_fixes(idx, namer, dense))
     return plans
+
+
+def plan_trunk_fixes(idx: GraphIndex, namer: Namer, dense) -> list[HeadPlan]:
+    """Dense mode: trunk Reshapes that pin the spatial size take it from their input."""
+    from .dense import plan_trunk_reshape
+
+    out = []
+    for node, s, middle in dense.trunk_reshapes:
+        nodes, inits = plan_trunk_reshape(idx, namer, node, s, middle)
+        out.append(HeadPlan(node, tuple(nodes), tuple(inits), frozenset({id(node)})))
+    return out
 
 
 def _kernel_keys(head: Head):

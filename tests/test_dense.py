@@ -292,3 +292,34 @@ def test_dense_check_refuses_inputs(tmp_path):
     np.savez(tmp_path / "in.npz", x=np.zeros((1, 1, 28, 28), np.float32))
     with pytest.raises(Fc2ConvError, match="--inputs is not used by the dense check"):
         check(model, convert(model, dense=True).model, dense=True, inputs=tmp_path / "in.npz")
+
+
+def test_channel_shuffle_in_the_trunk():
+    """ShuffleNet's channel shuffle pins H, W in a constant Reshape: dense
+    mode takes them from Shape(x); a Reshape that merges H and W is refused."""
+    body = """
+          c = Conv <kernel_shape=[1,1]> (x, cw)
+          g = Reshape(c, s5)
+          t = Transpose <perm=[0,2,1,3,4]> (g)
+          f = Reshape(t, s4)
+          c2 = Conv <kernel_shape=[1,1]> (f, cw2)
+          flat = Flatten(c2)
+          y = Gemm <transB=1> (flat, w)"""
+    model = parse(f"""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,3,4,5] x) => (float[N,6] y) {{ {body} }}""",
+                  cw=w(4, 3, 1, 1), s5=np.array([-1, 2, 2, 4, 5], np.int64), s4=np.array([-1, 4, 4, 5], np.int64),
+                  cw2=w(4, 4, 1, 1), w=w(6, 80))
+    result, report = assert_dense(model)
+    assert ops(result.model).count("Shape") == 2
+    merged = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,3,4,5] x) => (float[N,6] y) {
+          c = Conv <kernel_shape=[1,1]> (x, cw)
+          m = Reshape(c, s3)
+          c1 = Conv <kernel_shape=[1]> (m, cw1)
+          flat = Flatten(c1)
+          y = Gemm <transB=1> (flat, w)
+        }""", cw=w(4, 3, 1, 1), s3=np.array([-1, 4, 20], np.int64), cw1=w(4, 4, 1), w=w(6, 80))
+    with pytest.raises(Fc2ConvError, match="Reshape 'm' in the trunk reshapes spatial axes"):
+        convert(merged, dense=True)
