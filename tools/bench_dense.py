@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         x224 = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
         s_orig.run(None, {"input": x224})
         print(f"\n{name}: stride {stride}, window {window}, {args.threads} intra-op thread(s), {args.provider}")
-        print(f"{'size':>5} {'map':>6} {'P':>4} {'dense s':>9} {'crops s':>9} {'loop s':>9} {'vs crops':>9} "
+        print(f"{'size':>5} {'map':>6} {'P':>4} {'dense ms':>9} {'crops ms':>9} {'loop ms':>9} {'vs crops':>9} "
               f"{'vs loop':>8} {'MAC ratio':>9} {'effic.':>7}  headline")
         for size in args.sizes:
             x = rng.standard_normal((1, 3, size, size)).astype(np.float32)
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
             mac_ratio = p * native_macs / dense_macs_of(name, original, size)
             eff = (c / d) / mac_ratio
             rows.append((name, size, m, p, d, c, lp, mac_ratio, eff, n))
-            print(f"{size:>5} {m:>3}x{m:<2} {p:>4} {d:>9.3f} {c:>9.3f} {lp:>9.3f} {c / d:>8.2f}x {lp / d:>7.2f}x "
+            print(f"{size:>5} {m:>3}x{m:<2} {p:>4} {d * 1e3:>9.4g} {c * 1e3:>9.4g} {lp * 1e3:>9.4g} {c / d:>8.2f}x {lp / d:>7.2f}x "
                   f"{mac_ratio:>9.2f} {eff:>7.2f}  {p}x the output in {d / n:.1f}x the time of one 224 pass")
     if args.plot:
         plot(rows, args.plot)
