@@ -46,6 +46,31 @@ def good(tmp_path):
     return path
 
 
+def _fail_writes(monkeypatch, exc: BaseException) -> None:
+    """Make the saver's file writes stop half-way with ``exc`` (a full disk, a Ctrl-C)."""
+    save_mod = sys.modules["onnx_fc2conv.save"]  # the package's ``save`` name is the function
+    real_fdopen = os.fdopen
+
+    class Failing:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise exc
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            self.f.close()
+
+    monkeypatch.setattr(save_mod.os, "fdopen", lambda fd, mode="r": Failing(real_fdopen(fd, mode)))
+
+
 def convert_row(tmp_path, capsys, src, *extra, want=2, needles=(), previous=False):
     out = tmp_path / "out.onnx"
     if previous:
@@ -219,28 +244,7 @@ def test_output_folder_not_writable(tmp_path, capsys, good, monkeypatch):
 
 def test_disk_full_during_write(tmp_path, capsys, good, monkeypatch):
     """A write that fails half-way leaves the previous output and no temporary file."""
-    save_mod = sys.modules["onnx_fc2conv.save"]  # the package's ``save`` name is the function
-
-    real_fdopen = os.fdopen
-
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            self.f.write(data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    monkeypatch.setattr(save_mod.os, "fdopen", lambda fd, mode="r": Full(real_fdopen(fd, mode)))
+    _fail_writes(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
     convert_row(tmp_path, capsys, good, want=2, needles=("out.onnx", "No space left on device"), previous=True)
 
 
@@ -328,27 +332,7 @@ def test_real_process_one_line_no_traceback(tmp_path):
 
 def test_interrupted_write_keeps_previous_output(tmp_path, capsys, good, monkeypatch):
     """Ctrl-C in the middle of writing: exit 130, the previous output intact, no temporary file."""
-    save_mod = sys.modules["onnx_fc2conv.save"]
-    real_fdopen = os.fdopen
-
-    class Interrupted:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            self.f.write(data[:10])
-            raise KeyboardInterrupt
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    monkeypatch.setattr(save_mod.os, "fdopen", lambda fd, mode="r": Interrupted(real_fdopen(fd, mode)))
+    _fail_writes(monkeypatch, KeyboardInterrupt())
     out = tmp_path / "out.onnx"
     out.write_bytes(PREVIOUS)
     code, _, err = run(["convert", good, "-o", out], capsys)
