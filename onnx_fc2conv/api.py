@@ -61,7 +61,8 @@ def _overrides(input_shapes) -> dict[str, list[int]]:
     if not input_shapes:
         return {}
     if isinstance(input_shapes, dict):
-        return {k: [int(d) for d in v] for k, v in input_shapes.items()}
+        return {k: ["N" if (i == 0 and (isinstance(d, str) or int(d) < 0)) else int(d) for i, d in enumerate(v)]
+                for k, v in input_shapes.items()}
     if isinstance(input_shapes, str):
         input_shapes = [input_shapes]
     return shapes_mod.parse_input_shapes(list(input_shapes))

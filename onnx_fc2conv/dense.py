@@ -70,6 +70,10 @@ class DensePlan:
     image_inputs: dict = field(default_factory=dict)   # input name -> spatial axes
     native: dict = field(default_factory=dict)         # input name -> native shape
     trunk_reshapes: list = field(default_factory=list)  # (Reshape node, spatial rank, middle dims)
+    # their outputs' types: name -> (elem type, leading dims); below opset 14
+    # inference cannot tell a Reshape's rank from a computed shape, so finish()
+    # writes it down for every consumer downstream
+    trunk_types: dict = field(default_factory=dict)
 
 
 def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[Head], layers: list[Layer],
@@ -87,6 +91,10 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
         for a in dh.geometry:
             out.image_inputs.setdefault(a.input, set()).add(a.input_axis)
     out.trunk_reshapes = list(tracer.reshapes.values())
+    for node, sp, _ in out.trunk_reshapes:
+        info = shapes.get(node.output[0])
+        if info is not None and info.shape is not None:
+            out.trunk_types[node.output[0]] = (info.elem_type, list(info.shape[:len(info.shape) - sp]), sp)
     for name, axes in out.image_inputs.items():
         info = shapes.get(name)
         native = overrides.get(name) or (list(info.shape) if info and info.shape else None)
@@ -304,6 +312,11 @@ def finish(model: onnx.ModelProto, plan: DensePlan) -> None:
 
     symbolic_inputs(model, plan)
     del model.graph.value_info[:]
+    names = AXIS_NAMES.get(len(plan.heads[0].window), ())
+    for name, (elem, lead, sp) in plan.trunk_types.items():
+        dims = [d if isinstance(d, int) else (d if isinstance(d, str) and not d.startswith("unk__") else None)
+                for d in lead] + [f"{name}_{names[j] if j < len(names) else f's{j}'}" for j in range(sp)]
+        model.graph.value_info.append(helper.make_tensor_value_info(name, elem, dims))
     head_outputs = {o for h in plan.heads for o in h.outputs}
     spatial = len(plan.heads[0].window)
     names = AXIS_NAMES.get(spatial, tuple(f"s{i}" for i in range(spatial)))

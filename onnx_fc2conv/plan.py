@@ -60,10 +60,18 @@ def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=Non
     kernel_cache: dict[tuple, str] = {}
     for name, key in _reusable_weights(model, idx, heads).items():
         kernel_cache[key] = name
+    # Where an input has symbolic spatial dims, the graph does not fix the
+    # map's size: the FC's K did (a wrong size fails in the original), so the
+    # keep-mode output pins the features with Reshape [N, M] instead of a
+    # Flatten that would accept any map as [N, M*h'*w'].
+    from .shapes import input_infos
+
+    pin = idx.opset >= 5 and any(info.shape is None or not all(isinstance(d, int) for d in info.shape[1:])
+                                 for info in input_infos(model).values())
     plans = []
     for i, head in enumerate(heads):
         plans.append(_plan_head(idx, namer, head, kernel_cache, dense.heads[i] if dense else None, shapes,
-                                fold_batch and dense is None and idx.opset >= 5))
+                                fold_batch and dense is None and idx.opset >= 5, pin))
     if dense is not None:
         plans.extend(plan_trunk_fixes(idx, namer, dense))
     return plans
@@ -119,7 +127,7 @@ def _reusable_weights(model: onnx.ModelProto, idx: GraphIndex, heads: list[Head]
 
 
 def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh=None, shapes=None,
-               fold: bool = False) -> HeadPlan:
+               fold: bool = False, pin: bool = False) -> HeadPlan:
     """Keep mode: new tensors get fresh names and one Flatten writes the
     head's last original tensor. Dense mode (``dh``): the new nodes write
     the original tensor names, which now hold maps, through to the outputs."""
@@ -208,7 +216,12 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
             nodes.append(helper.make_node("Transpose", [x], [t], name=namer(f"{head.end}_unfold"),
                                           perm=[2, 1, 0] + list(range(3, 2 + spatial))))
             x = t
-        nodes.append(helper.make_node("Flatten", [x], [head.end], name=namer(f"{head.end}_flatten"), axis=1))
+        if pin:
+            shape = namer(f"{head.end}_features")
+            inits.append((shape, np.array([0, head.fcs[-1].m], dtype=np.int64)))
+            nodes.append(helper.make_node("Reshape", [x, shape], [head.end], name=namer(f"{head.end}_flatten")))
+        else:
+            nodes.append(helper.make_node("Flatten", [x], [head.end], name=namer(f"{head.end}_flatten"), axis=1))
     else:
         from .dense import plan_tail
 

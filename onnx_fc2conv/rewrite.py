@@ -60,9 +60,20 @@ def apply(model: onnx.ModelProto, plans: list[HeadPlan]) -> None:
                 graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
     _prune(graph, read_before, legacy)
     _toposort(graph)
+    written = {o for p in plans for n in p.nodes for o in n.output} | {n for p in plans for n, _ in p.initializers}
+    retyped = {n for p in plans for n, _ in p.retyped}
+    _drop_stale_value_info(graph, written | retyped)
+
+
+def _drop_stale_value_info(graph: onnx.GraphProto, rewritten: set[str]) -> None:
+    """graph.value_info may annotate any tensor, weights included (PyTorch's
+    dynamo exporter does): an entry for a tensor the rewrite wrote or
+    re-dimensioned, or for one that no longer exists, would contradict shape
+    inference, which strict consumers (onnx's full check, tract) reject. Those
+    entries go; annotations of untouched tensors stay."""
     produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} \
         | {t.name for t in graph.initializer}
-    keep_vi = [v for v in graph.value_info if v.name in produced]
+    keep_vi = [v for v in graph.value_info if v.name in produced and v.name not in rewritten]
     del graph.value_info[:]
     graph.value_info.extend(keep_vi)
 

@@ -33,15 +33,26 @@ class TensorInfo:
         return self.shape is not None and all(isinstance(d, int) for d in self.shape[start:])
 
 
-def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
-    """Parse ``NAME=D0,D1,...`` (or ``NAME:D0,...`` as onnxsim writes it)."""
-    shapes: dict[str, list[int]] = {}
+def parse_input_shapes(specs: list[str] | None) -> dict[str, list[Dim]]:
+    """Parse ``NAME=D0,D1,...`` (or ``NAME:D0,...`` as onnxsim writes it).
+
+    A batch (axis 0) given as ``-1``, ``?`` or ``N`` stays free, as exporters
+    such as paddle2onnx write it; every other dim must be a positive size."""
+    shapes: dict[str, list[Dim]] = {}
     for spec in specs or ():
-        m = re.fullmatch(r"\s*(.+?)\s*[=:]\s*(\d+(?:\s*[,x]\s*\d+)*)\s*", spec)
+        m = re.fullmatch(r"\s*(.+?)\s*[=:]\s*((?:-1|\?|N|\d+)(?:\s*[,x]\s*(?:-1|\?|N|\d+))*)\s*", spec)
         if not m:
             raise Fc2ConvError(f"--input-shape {spec!r} does not parse: write NAME=D0,D1,... e.g. input=1,3,224,224")
-        dims = [int(d) for d in re.split(r"[,x]", m.group(2))]
-        if any(d <= 0 for d in dims):
+        dims: list[Dim] = []
+        for i, d in enumerate(re.split(r"\s*[,x]\s*", m.group(2).strip())):
+            if d in ("-1", "?", "N"):
+                if i != 0:
+                    raise Fc2ConvError(f"--input-shape {spec!r}: only the batch (the first dim) may be left free "
+                                       f"with {d}; give every other dimension as a positive integer")
+                dims.append("N")
+                continue
+            dims.append(int(d))
+        if any(isinstance(d, int) and d <= 0 for d in dims):
             raise Fc2ConvError(f"--input-shape {spec!r}: every dimension must be a positive integer")
         shapes[m.group(1)] = dims
     return shapes
@@ -52,8 +63,8 @@ def _dims(type_proto: onnx.TypeProto) -> tuple[Dim, ...] | None:
         return None
     out: list[Dim] = []
     for d in type_proto.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
-            out.append(int(d.dim_value))
+        if d.HasField("dim_value") and d.dim_value >= 0:
+            out.append(int(d.dim_value))  # a negative size (paddle2onnx's free batch) is unknown
         elif d.HasField("dim_param") and d.dim_param:
             out.append(d.dim_param)
         else:
@@ -119,7 +130,10 @@ def validate_overrides(model: onnx.ModelProto, overrides: dict[str, list[int]]) 
             raise Fc2ConvError(f"--input-shape {name}={','.join(map(str, dims))} has rank {len(dims)}, "
                                f"but input {name!r} has rank {len(shape)} {_fmt(shape)}")
         for axis, (want, have) in enumerate(zip(dims, shape or ())):
-            if isinstance(have, int) and have != want:
+            if isinstance(have, int) and not isinstance(want, int):
+                raise Fc2ConvError(f"--input-shape {name}={','.join(map(str, dims))} leaves axis {axis} free, "
+                                   f"but the model fixes it at {have} {_fmt(shape)}")
+            if isinstance(have, int) and isinstance(want, int) and have != want:
                 raise Fc2ConvError(f"--input-shape {name}={','.join(map(str, dims))} sets axis {axis} to {want}, "
                                    f"but the model fixes it at {have} {_fmt(shape)}")
 
@@ -156,6 +170,11 @@ def light_model(model: onnx.ModelProto, overrides: dict[str, list[int]] | None =
                     shape.dim.add().dim_param = d  # a derived size keeps a symbolic batch
                 else:
                     shape.dim.add().dim_value = d
+    for vi in list(lg.input) + list(lg.output) + list(lg.value_info):
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value < 0:  # paddle2onnx's free batch: unknown, not a size
+                d.Clear()
+                d.dim_param = f"{vi.name}_dim{axis}"
     for t in graph.initializer:
         n = 1
         for d in t.dims:
@@ -187,3 +206,17 @@ def infer(model: onnx.ModelProto, overrides: dict[str, list[int]] | None = None)
         if vi.type.HasField("tensor_type"):
             infos[vi.name] = TensorInfo(_dims(vi.type), vi.type.tensor_type.elem_type)
     return infos
+
+
+def strict_problem(model: onnx.ModelProto) -> str | None:
+    """What a strict consumer would reject in ``model``: the first message of
+    ``onnx.checker.check_model(full_check=True)`` or of strict shape inference
+    (run on a weight-free copy), or None. Every model the tool writes must
+    give None (tested on every save of the test suite, see save.py)."""
+    light = light_model(model)
+    try:
+        onnx.checker.check_model(light, full_check=True)
+        onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
+    except Exception as exc:  # onnx raises several types; the message is what matters
+        return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    return None

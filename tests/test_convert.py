@@ -209,9 +209,29 @@ def test_symbolic_spatial_dims_ambiguous_ask_for_input_shape():
     with pytest.raises(Fc2ConvError, match=r"--input-shape x=1,2,<H>,<W>"):
         convert(model)
     result = convert(model, input_shapes=["x=2,2,5,2"])
-    assert ops(result.model) == ["Conv", "Flatten"]
+    # the graph does not fix H, W: the features are pinned by a Reshape to [N, M]
+    assert ops(result.model) == ["Conv", "Reshape"]
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 2, 5, 2)).astype(np.float32)}
     np.testing.assert_allclose(run(result.model, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_keep_mode_refuses_other_sizes_like_the_original():
+    """A model with symbolic H, W converted at its native size: another size
+    fails in the converted model as it does in the original (the FC's K pins
+    it), instead of returning [N, M*h'*w']."""
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,2,H,W] x) => (float[N,4] y) {
+          f = Flatten(x)
+          y = Gemm <transB=1> (f, w)
+        }""", w=np.ones((4, 18), np.float32))
+    result = convert(model, input_shapes=["x=1,2,3,3"])
+    big = {"x": np.ones((1, 2, 6, 6), np.float32)}
+    for m in (model, result.model):
+        with pytest.raises(Exception, match="(?i)dimension mismatch|cannot be reshaped"):
+            run(m, big)
+    small = {"x": np.random.default_rng(1).standard_normal((3, 2, 3, 3)).astype(np.float32)}
+    np.testing.assert_allclose(run(result.model, small)[0], run(model, small)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_nothing_to_convert_returns_the_model_unchanged():
