@@ -1,9 +1,10 @@
 """Export the ONNX fixtures in tests/fixtures/ with REAL exporters (dev only).
 
-The project itself never imports torch or tensorflow; only this script does,
-and it runs in two throw-away virtual environments kept outside the repo
-(torch and tensorflow pin conflicting protobuf/numpy versions, so they do not
-share one).  Versions used for the committed fixtures (Python 3.11, CPU only):
+The project itself never imports torch, tensorflow or paddle; only this
+script does, and it runs in three throw-away virtual environments kept outside
+the repo (torch and tensorflow pin conflicting protobuf/numpy versions, and
+paddle2onnx pins onnx 1.17.0, so they do not share one).  Versions used for
+the committed fixtures (Python 3.11, CPU only):
 
     # torch side: torch 2.14.1, torchvision 0.29.1, onnx, onnxscript, onnxruntime
     python3 -m venv /work/venvs/torch
@@ -15,6 +16,13 @@ share one).  Versions used for the committed fixtures (Python 3.11, CPU only):
     /work/venvs/tf/bin/pip install tensorflow-cpu==2.21.0 tf2onnx==1.17.0 \\
         onnx onnxruntime
 
+    # paddle side: paddlepaddle 3.3.1 (CPU), paddle2onnx 2.1.0 (which pins onnx 1.17.0).
+    # paddle2onnx folds constants with Polygraphy and, when onnx_graphsurgeon or
+    # sympy is missing, Polygraphy pip-installs it at export time: install them here.
+    python3 -m venv /work/venvs/paddle
+    /work/venvs/paddle/bin/pip install paddlepaddle==3.3.1 paddle2onnx==2.1.0 \\
+        onnx_graphsurgeon sympy onnxruntime
+
 The exact resolved versions (onnx, onnxscript, onnxruntime, protobuf, numpy)
 are listed in tests/fixtures/README.md.
 
@@ -22,6 +30,7 @@ Run from the repository root:
 
     /work/venvs/torch/bin/python tools/export_fixtures.py torch   # TorchScript + dynamo fixtures
     /work/venvs/tf/bin/python    tools/export_fixtures.py keras   # tf2onnx fixtures
+    /work/venvs/paddle/bin/python tools/export_fixtures.py paddle # paddle2onnx fixture (batch -1)
     python tools/export_fixtures.py describe                      # onnx only: print every fixture's head
 
 ``--only NAME`` (repeatable; NAME is the file stem, e.g. ``vgg_narrow_ts``)
@@ -29,11 +38,14 @@ exports just those fixtures; ``--out DIR`` writes somewhere else than
 tests/fixtures/.  Every export is followed by a check: the file is loaded in
 onnxruntime (CPU) and its output compared with the framework's output on a
 seeded random input (the max abs diff is printed).  Weights are seeded
-(``torch.manual_seed`` / ``keras.utils.set_random_seed``), models are in eval
+(``torch.manual_seed`` / ``keras.utils.set_random_seed`` / ``paddle.seed``), models are in eval
 mode, and outputs are overwritten, so reruns are idempotent: the torch files
 (TorchScript and dynamo) come out byte-identical; the tf2onnx files differ
 between runs only in a few generated node/initializer names (e.g.
-``Transpose__34`` vs ``Transpose__36``), not in structure or weights.
+``Transpose__34`` vs ``Transpose__36``), not in structure or weights; the
+paddle file comes out byte-identical.  (The dynamo files record this script's
+line numbers in their metadata, so an edit above a model class changes those
+bytes on re-export, not the graph or the weights.)
 """
 
 from __future__ import annotations
@@ -155,6 +167,27 @@ def _torch_nets():
     return AlexNetNarrow, VGGNarrow, Conv1dNet
 
 
+def _tiny_efficientnet(num_classes: int = 10):
+    """torchvision's EfficientNet with a four-stage MBConv setting (stem 16 ch at 3x64x64).
+
+    Every MBConv has torchvision's squeeze-excitation (AdaptiveAvgPool2d(1) ->
+    1x1 Conv -> SiLU -> 1x1 Conv -> Sigmoid -> Mul); the head is Conv 1x1 (64 ->
+    256) -> BN -> SiLU -> AdaptiveAvgPool2d(1) -> flatten -> Dropout -> Linear.
+    Trunk stride 16: [256, 4, 4] before the head's pool.
+    """
+    from torchvision.models import EfficientNet
+    from torchvision.models.efficientnet import MBConvConfig
+
+    setting = [
+        # expand, kernel, stride, in, out, layers
+        MBConvConfig(1, 3, 1, 16, 16, 1),    # no expand conv (ratio 1), like B0's first stage
+        MBConvConfig(4, 3, 2, 16, 24, 2),
+        MBConvConfig(4, 5, 2, 24, 40, 1),
+        MBConvConfig(4, 3, 2, 40, 64, 1),
+    ]
+    return EfficientNet(setting, dropout=0.2, stochastic_depth_prob=0.2, num_classes=num_classes)
+
+
 def _randomize_bn(model) -> None:
     """Give BatchNorm layers non-trivial running stats so folding is visible."""
     import torch
@@ -251,6 +284,12 @@ def export_torch(out: Path, only: list[str] | None) -> None:
     # full-width mobilenet_v3_small with 10 classes is ~6 MB; width 0.5 keeps the
     # Linear -> Hardswish -> Dropout -> Linear head with 288 -> 512 -> 10.
     ts("mobilenet_v3_small_w05_ts", make(tv.mobilenet_v3_small, num_classes=10, width_mult=0.5), x64)
+    # opset 9: the channel shuffles' view/transpose/view and Split with a `split`
+    # attribute; dense mode's rewritten Reshapes take their shape from Shape(x),
+    # and opset-9 shape inference then loses the rank downstream (issue 10).
+    ts("shufflenet_v2_x0_5_op9_ts", make(tv.shufflenet_v2_x0_5, num_classes=10), x64, opset=9)
+    # squeeze-excitation in every block: global pools inside the trunk (issue 12)
+    ts("efficientnet_style_se_ts", make(_tiny_efficientnet, num_classes=10), x64)
 
     # ---- dynamo exporter ------------------------------------------------
     dynamo("alexnet_narrow_dynamo", alex, x63, external_data=True)
@@ -330,6 +369,72 @@ def export_keras(out: Path, only: list[str] | None) -> None:
         xb = np.random.default_rng(SEED + 2).standard_normal((2, 32, 32, 3)).astype("float32")
         ref = model(xb, training=False).numpy()
         _check(path, {"input": xb}, ref, 1e-4)
+
+
+# ---------------------------------------------------------------- paddle ---
+
+def export_paddle(out: Path, only: list[str] | None) -> None:
+    """paddle2onnx export of a tiny VGG, then its batch dim written as the number -1.
+
+    paddle2onnx 2.1.0 names a free dim ``DynamicDimension.N`` (dim_param); the
+    ``-1`` that paddle2onnx-exported files in the wild carry as a dim_value
+    (onnx.checker accepts it, onnxruntime treats it as dynamic) is written
+    afterwards wherever the batch's dim_param stood (graph input, output, and
+    the value_info that Polygraphy's folding added), the only edit.
+    Everything else is paddle2onnx's own output, after its default Polygraphy
+    constant folding.
+    """
+    import tempfile
+
+    import onnx
+    import paddle
+    import paddle2onnx
+    from paddle import nn
+
+    print(f"paddlepaddle {paddle.__version__}, paddle2onnx {paddle2onnx.__version__}, onnx {onnx.__version__}")
+    name = "vgg_tiny_paddle"
+    if not _wanted(name, only):
+        return
+
+    class VGGTiny(nn.Layer):
+        """Three conv/pool blocks (8, 16, 16 channels) at 3x32x32 -> [16,4,4] -> Flatten -> 2 Linear."""
+
+        def __init__(self, num_classes: int = 10):
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Conv2D(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2D(2, 2),
+                nn.Conv2D(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2D(2, 2),
+                nn.Conv2D(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2D(2, 2),
+            )
+            self.flatten = nn.Flatten()
+            self.fc1 = nn.Linear(16 * 4 * 4, 64)
+            self.fc2 = nn.Linear(64, num_classes)
+
+        def forward(self, x):
+            x = self.flatten(self.features(x))
+            return self.fc2(nn.functional.relu(self.fc1(x)))
+
+    paddle.seed(SEED)
+    model = VGGTiny()
+    model.eval()
+    spec = [paddle.static.InputSpec([-1, 3, 32, 32], "float32", "x")]
+    with tempfile.TemporaryDirectory() as tmp:
+        paddle.onnx.export(model, os.path.join(tmp, name), input_spec=spec, opset_version=11)
+        m = onnx.load(os.path.join(tmp, name + ".onnx"))
+    batch = m.graph.input[0].type.tensor_type.shape.dim[0].dim_param    # "DynamicDimension.0"
+    assert batch, "paddle2onnx should name the free batch"
+    for vi in (*m.graph.input, *m.graph.output, *m.graph.value_info):
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.dim_param == batch or (vi is m.graph.output[0] and dim is vi.type.tensor_type.shape.dim[0]):
+                dim.Clear()
+                dim.dim_value = -1
+    path = out / f"{name}.onnx"
+    onnx.save(m, str(path))
+    onnx.checker.check_model(str(path))
+    xb = np.random.default_rng(SEED + 2).standard_normal((2, 3, 32, 32)).astype("float32")
+    with paddle.no_grad():
+        ref = model(paddle.to_tensor(xb)).numpy()
+    _check(path, {"x": xb}, ref, 1e-4)
 
 
 # -------------------------------------------------------------- describe ---
@@ -429,12 +534,13 @@ def describe(out: Path, only: list[str] | None) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["torch", "keras", "describe"])
+    ap.add_argument("what", choices=["torch", "keras", "paddle", "describe"])
     ap.add_argument("--only", action="append", metavar="NAME", help="fixture stem; repeatable")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    {"torch": export_torch, "keras": export_keras, "describe": describe}[args.what](args.out, args.only)
+    {"torch": export_torch, "keras": export_keras, "paddle": export_paddle,
+     "describe": describe}[args.what](args.out, args.only)
     return 0
 
 
