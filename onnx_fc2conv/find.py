@@ -139,6 +139,16 @@ class _Matcher:
     # -- FC layers -----------------------------------------------------------
     def match_fc(self, node: onnx.NodeProto) -> FC | str | None:
         """An FC, a reason it is an FC we will not convert, or None (not an FC)."""
+        fc = self._match_fc(node)
+        if isinstance(fc, FC):
+            elem = self.idx.elem_type(fc.weight)
+            if elem not in conv_types(self.idx.opset):
+                name = onnx.helper.tensor_dtype_to_string(elem).replace("TensorProto.", "").lower()
+                return (f"Conv does not take {name} at opset {self.idx.opset}"
+                        + (" (bfloat16 from opset 22)" if elem == onnx.TensorProto.BFLOAT16 else ""))
+        return fc
+
+    def _match_fc(self, node: onnx.NodeProto) -> FC | str | None:
         if node.domain not in ("", "ai.onnx"):
             return None
         idx = self.idx
@@ -387,6 +397,8 @@ class _Matcher:
         live_outputs = [o for o in node.output[1:] if o and idx.uses(o)]
         if live_outputs:
             return None
+        if op == "Identity" and data == 0:  # a no-op whatever inference knows of its shapes
+            return Step(node, 0, (), identity=True)
         if op in RESHAPE_LIKE and op != "Dropout":
             ishape, oshape = self.shape(t), self.shape(node.output[0])
             if data == 0 and ishape is not None and oshape is not None and len(ishape) == 2 \
@@ -451,6 +463,12 @@ def global_reduce_rank(idx: GraphIndex, shapes: dict, node: onnx.NodeProto, keep
     if not axes or sorted(a % rank for a in axes) != list(range(2, rank)):
         return 0
     return rank - 2
+
+
+def conv_types(opset: int) -> set[int]:
+    """The element types Conv (and the pools) accept at an opset."""
+    types = {onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE}
+    return types | {onnx.TensorProto.BFLOAT16} if opset >= 22 else types
 
 
 class _Unknown(Exception):

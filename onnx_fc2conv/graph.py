@@ -101,6 +101,14 @@ class GraphIndex:
         v = self.value(name)
         return None if v is None else tuple(v.shape)
 
+    def elem_type(self, name: str) -> int:
+        """A constant's ONNX element type (without reading an initializer's data)."""
+        t = self.initializers.get(name)
+        if t is not None:
+            return t.data_type
+        v = self.value(name)
+        return 0 if v is None else helper.np_dtype_to_tensor_dtype(v.dtype)
+
     def value(self, name: str) -> np.ndarray | None:
         """The tensor's constant value, or None when it is not a constant."""
         if not name:

@@ -182,7 +182,7 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
                 if b is not None:
                     bname = namer(f"{item.bias}_conv")
                     inits.append((bname, b.astype(helper.tensor_dtype_to_np_dtype(
-                        _elem_type(idx, item.weight)), copy=False)))
+                        idx.elem_type(item.weight)), copy=False)))
                     conv_inputs.append(bname)
             out = item.output if dh is not None else namer(f"{item.output}_conv")
             attrs = {"kernel_shape": list(fshape[1:])}
@@ -238,8 +238,3 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
     return HeadPlan(anchor, tuple(nodes), tuple(inits), frozenset(removed), tuple(retyped))
 
 
-def _elem_type(idx: GraphIndex, name: str) -> int:
-    t = idx.initializers.get(name)
-    if t is not None:
-        return t.data_type
-    return helper.np_dtype_to_tensor_dtype(idx.value(name).dtype)

@@ -341,19 +341,25 @@ def test_weight_and_bias_as_constant_expressions():
 
 
 def test_bfloat16_is_kept():
-    """onnxruntime's CPU has no bfloat16 Gemm/Conv: compare in onnx.reference."""
+    """onnxruntime's CPU has no bfloat16 Gemm/Conv: compare in onnx.reference.
+    Conv takes bfloat16 from opset 22; below it the FC stays, with the reason."""
     from onnx.reference import ReferenceEvaluator
 
     import ml_dtypes
     rng = np.random.default_rng(4)
-    model = parse("""
-        <ir_version: 8, opset_import: ["" : 13]>
+    text = """
+        <ir_version: 10, opset_import: ["" : 22]>
         g (bfloat16[N,2,3,3] x) => (bfloat16[N,4] y) {
           f = Flatten(x)
           h = Gemm <transB=1, alpha=0.5> (f, w, b)
           y = Relu(h)
-        }""", w=rng.standard_normal((4, 18)).astype(ml_dtypes.bfloat16),
-        b=rng.standard_normal(4).astype(ml_dtypes.bfloat16))
+        }"""
+    consts = dict(w=rng.standard_normal((4, 18)).astype(ml_dtypes.bfloat16),
+                  b=rng.standard_normal(4).astype(ml_dtypes.bfloat16))
+    old = convert(parse(text.replace('"" : 22', '"" : 13').replace("ir_version: 10", "ir_version: 8"), **consts))
+    assert old.converted == 0 and "Conv does not take bfloat16 at opset 13 (bfloat16 from opset 22)" in \
+        old.layers[0].reason
+    model = parse(text, **consts)
     result = convert(model)
     assert ops(result.model) == ["Conv", "Relu", "Flatten"]
     assert {t.data_type for t in result.model.graph.initializer} == {onnx.TensorProto.BFLOAT16}
