@@ -115,7 +115,8 @@ def _corrupt_strings(fn):
 
 
 @_corrupt_strings
-def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = False) -> ConversionResult:
+def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = False,
+            keep_global_pools: bool = False) -> ConversionResult:
     """Convert every convertible FC head of ``model`` into convolutions.
 
     Args:
@@ -128,27 +129,47 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
         fold_batch: keep mode only: fold the batch into the first Conv's
             spatial axis so onnxruntime's CPU runs the head as one product
             per batch (faster at batch > 1; see plan.plan_heads).
+        keep_global_pools: dense mode: global pools inside the trunk
+            (squeeze-excitation blocks) stay global over the whole input
+            instead of refusing; each position then sees the image-level
+            channel context of the whole input (see dense.py).
 
     Raises:
         Fc2ConvError: the model or an option is unusable (the message says why).
     """
     overrides = _overrides(input_shapes)
     loaded = load_mod.load(model)
+    # The test suite sets this: a model that strict consumers (onnx's full
+    # check, strict inference: what tract and onnx2torch apply) accept must
+    # stay acceptable after conversion; an AssertionError is a bug of ours.
+    strict = bool(os.environ.get("ONNX_FC2CONV_STRICT")) and shapes_mod.strict_problem(loaded.model) is None
     original_io = _io_skeleton(loaded.model)
     overrides, infos, heads, layers = _find(loaded.model, overrides)
-    dense_plan = dense_mod.analyse(loaded.model, infos, heads, layers, overrides) if dense and heads else None
+    if dense and layers and not heads:
+        raise Fc2ConvError(_none_converted(layers))
+    dense_plan = dense_mod.analyse(loaded.model, infos, heads, layers, overrides,
+                                   keep_global_pools=keep_global_pools) if dense and heads else None
     plans = plan_mod.plan_heads(loaded.model, heads, dense_plan, infos, fold_batch=fold_batch)
     rewrite.apply(loaded.model, plans)
     if dense_plan is not None:
         dense_mod.finish(loaded.model, dense_plan)
+    if strict:
+        problem = shapes_mod.strict_problem(loaded.model)
+        assert problem is None, f"the converted model fails onnx's full check or strict inference: {problem}"
     log.info("converted %d of %d FC layers in %d head(s)", sum(l.converted for l in layers), len(layers), len(heads))
     return ConversionResult(loaded.model, layers, len(heads), dense, str(loaded.path) if loaded.path else None,
                             overrides, [h.geometry_dict() for h in dense_plan.heads] if dense_plan else [],
                             original_io)
 
 
+def _none_converted(layers) -> str:
+    first = layers[0]
+    return (f"none of the {len(layers)} FC layer{'s' if len(layers) != 1 else ''} converts (FC {first.name!r}: "
+            f"{first.reason}); dense mode needs every FC to become a convolution")
+
+
 @_corrupt_strings
-def inspect(model, input_shapes=None) -> InspectResult:
+def inspect(model, input_shapes=None, keep_global_pools: bool = False) -> InspectResult:
     """List every FC layer: what it consumes and what it would become, or why not."""
     overrides = _overrides(input_shapes)
     loaded = load_mod.load(model)
@@ -156,10 +177,13 @@ def inspect(model, input_shapes=None) -> InspectResult:
     geometry, reason = [], None
     if heads:
         try:
-            plan = dense_mod.analyse(loaded.model, infos, heads, layers, overrides)
+            plan = dense_mod.analyse(loaded.model, infos, heads, layers, overrides,
+                                     keep_global_pools=keep_global_pools)
             geometry = [h.geometry_dict() for h in plan.heads]
         except Fc2ConvError as exc:
             reason = str(exc)
+    elif layers:
+        reason = _none_converted(layers)
     return InspectResult(layers, str(loaded.path) if loaded.path else None, geometry, reason)
 
 

@@ -31,7 +31,7 @@ from onnx import helper
 from . import kernels
 from .errors import Fc2ConvError
 from .find import BINARY, GLOBAL_POOLS, REDUCES, UNARY, Head, Layer, global_reduce_rank
-from .geometry import Tracer
+from .geometry import trace
 from .graph import GraphIndex, attr, node_label
 from .shapes import TensorInfo
 
@@ -74,23 +74,45 @@ class DensePlan:
     # inference cannot tell a Reshape's rank from a computed shape, so finish()
     # writes it down for every consumer downstream
     trunk_types: dict = field(default_factory=dict)
+    kept_global: list = field(default_factory=list)     # trunk pools kept global (--keep-global-pools)
+    refusals: list = field(default_factory=list)        # lenient analysis: what is not per position
 
 
 def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[Head], layers: list[Layer],
-            overrides: dict) -> DensePlan:
+            overrides: dict, *, keep_global_pools: bool = False, lenient: bool = False) -> DensePlan:
+    """Decide the dense form of every head, or refuse naming the node.
+
+    ``keep_global_pools``: global pools inside the trunk (squeeze-excitation)
+    stay global over the whole input. ``lenient`` (the dense check of a model
+    made dense by other means): trunk ops that are not per position are
+    recorded in ``DensePlan.refusals`` instead of refused."""
     idx = GraphIndex(model)
+    pools = [_head_pool(idx, shapes, head) for head in heads]
+    found = trace(idx, shapes, [source for _, _, source in pools], keep_global=keep_global_pools or lenient,
+                  lenient=lenient)
+    # an FC the trunk applies per position (a Linear over a channels-last map)
+    # is fine as it is; any other FC must have become a convolution
+    per_position = {node_label(n) for n in idx.graph.node if n.output and n.output[0] in found.geo}
     for layer in layers:
-        if not layer.converted:
+        if not layer.converted and layer.name not in per_position:
             raise Fc2ConvError(f"FC {layer.name!r} is not converted ({layer.reason}); dense mode needs every FC "
                                "to become a convolution")
-    tracer = Tracer(idx, shapes)
-    out = DensePlan([])
-    for head in heads:
-        dh = _analyse_head(idx, shapes, tracer, head)
+    out = DensePlan([], kept_global=found.kept_global, refusals=found.refusals)
+    for head, (pool, pool_op, source) in zip(heads, pools):
+        window = tuple(int(d) for d in _shape(shapes, source)[2:])
+        geo = found.geo.get(source, {})
+        axes = []
+        for axis in range(2, 2 + len(window)):
+            if axis not in geo:
+                raise Fc2ConvError(f"cannot trace spatial axis {axis} of {source!r} back to an input; "
+                                   "the model cannot be made dense")
+            axes.append(geo[axis])
+        tail, outputs = _tail(idx, head)
+        dh = DenseHead(head, source, window, pool, pool_op, tuple(tail), tuple(outputs), tuple(axes))
         out.heads.append(dh)
         for a in dh.geometry:
             out.image_inputs.setdefault(a.input, set()).add(a.input_axis)
-    out.trunk_reshapes = list(tracer.reshapes.values())
+    out.trunk_reshapes = found.reshapes
     for node, sp, _ in out.trunk_reshapes:
         info = shapes.get(node.output[0])
         if info is not None and info.shape is not None:
@@ -109,45 +131,54 @@ def _shape(shapes, name):
     return None if info is None else info.shape
 
 
-def _analyse_head(idx: GraphIndex, shapes, tracer: Tracer, head: Head) -> DenseHead:
+def _head_pool(idx: GraphIndex, shapes, head: Head):
+    """(pool node or None, windowed pool op, T): the map whose windows the
+    head sees is the input of the head's global pool, else the collapsed map."""
     col = head.collapse
     f = col.source
     producer = idx.producer.get(f)
-    pool, pool_op, source = None, None, f
-    if producer is not None:
-        op = producer.op_type
-        label = f"{op} {node_label(producer)!r}"
-        is_global = op in GLOBAL_POOLS or (op in REDUCES and (col.unsqueeze or global_reduce_rank(idx, shapes, producer) > 0))
-        covering = op in ("AveragePool", "MaxPool") and all(d == 1 for d in col.feature_shape[1:])
-        if is_global or covering:
-            if op in ("GlobalAveragePool", "ReduceMean", "AveragePool"):
-                pool_op = "AveragePool"
-            elif op in ("GlobalMaxPool", "ReduceMax", "MaxPool"):
-                pool_op = "MaxPool"
-            else:
-                raise Fc2ConvError(f"{label} before FC {head.items[0].name!r} has no windowed pool equivalent; "
-                                   "the model cannot be made dense")
-            source = producer.input[0]
-            tshape = _shape(shapes, source)
-            if tshape is None or not all(isinstance(d, int) for d in tshape[2:]):
-                raise Fc2ConvError(f"the map {source!r} that {label} pools has an unknown size; give --input-shape")
-            if covering:
-                pads = attr(producer, "pads", None) or []
-                kernel = list(attr(producer, "kernel_shape"))
-                if any(pads) or kernel != list(tshape[2:]):
-                    raise Fc2ConvError(f"{label} does not cover its whole map without padding; "
-                                       "the model cannot be made dense")
-            pool = producer
-    window = tuple(int(d) for d in _shape(shapes, source)[2:])
-    geo = tracer.geo(source)
-    axes = []
-    for axis in range(2, 2 + len(window)):
-        if axis not in geo:
-            raise Fc2ConvError(f"cannot trace spatial axis {axis} of {source!r} back to an input; "
-                               "the model cannot be made dense")
-        axes.append(geo[axis])
-    tail, outputs = _tail(idx, head)
-    return DenseHead(head, source, window, pool, pool_op, tuple(tail), tuple(outputs), tuple(axes))
+    if producer is None:
+        return None, None, f
+    op = producer.op_type
+    label = f"{op} {node_label(producer)!r}"
+    is_global = op in GLOBAL_POOLS or (op in REDUCES and (col.unsqueeze or global_reduce_rank(idx, shapes, producer) > 0))
+    covering = op in ("AveragePool", "MaxPool") and all(d == 1 for d in col.feature_shape[1:])
+    if not (is_global or covering):
+        return None, None, f
+    if op in ("GlobalAveragePool", "ReduceMean", "AveragePool"):
+        pool_op = "AveragePool"
+    elif op in ("GlobalMaxPool", "ReduceMax", "MaxPool"):
+        pool_op = "MaxPool"
+    else:
+        raise Fc2ConvError(f"{label} before FC {head.items[0].name!r} has no windowed pool equivalent; "
+                           "the model cannot be made dense")
+    source = producer.input[0]
+    tshape = _shape(shapes, source)
+    if tshape is None or not all(isinstance(d, int) for d in tshape[2:]):
+        raise Fc2ConvError(f"the map {source!r} that {label} pools has an unknown size; give --input-shape")
+    if covering and not _covers(producer, list(tshape[2:])):
+        raise Fc2ConvError(f"{label} does not cover its whole map (every position counted once); "
+                           "the model cannot be made dense")
+    return producer, pool_op, source
+
+
+def _covers(pool: onnx.NodeProto, size: list) -> bool:
+    """A pool with one output position over the whole map: kernel = map, or
+    (Caffe-era heads, e.g. inception_v1's k7 with pads [0,0,1,1] on a 6x6
+    map) a kernel that overhangs the end into padding that an AveragePool
+    does not count (count_include_pad=0) and a MaxPool ignores."""
+    kernel = [int(k) for k in attr(pool, "kernel_shape")]
+    n = len(kernel)
+    pads = [int(p) for p in (attr(pool, "pads", None) or [0] * (2 * n))]
+    auto = attr(pool, "auto_pad", b"NOTSET")
+    if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID") \
+            or any(int(d) != 1 for d in (attr(pool, "dilations", None) or [1] * n)):
+        return False
+    if kernel == size and not any(pads):
+        return True
+    if pool.op_type == "AveragePool" and int(attr(pool, "count_include_pad", 0)):
+        return False
+    return all(pads[i] == 0 and size[i] <= kernel[i] <= size[i] + pads[n + i] for i in range(n))
 
 
 def _tail(idx: GraphIndex, head: Head):

@@ -1,4 +1,5 @@
-"""Where each position of a dense score map looks in the input image.
+"""Where each position of a dense score map looks in the input image, and
+whether the trunk lets a position be a position at all.
 
 Along every path from the image input to the head's window source, each
 Conv/Pool with kernel ``k``, dilation ``d``, stride ``s`` and leading pad
@@ -17,13 +18,20 @@ receptive field. Position ``i`` of the score map then sees input pixels
 
 Where paths join (residual Add, Concat) strides must agree; the receptive
 field is the widest and the offset the smallest of the joined paths.
+
+:func:`trace` is one forward pass over the trunk's nodes in graph order (no
+recursion, so a 1000-block chain is fine). It is an allow-list: an op whose
+input has spatial axes is accepted only if the per-op table (ops.py) knows it
+acts per position on them, or it is a windowed op whose geometry is known, or
+a reshuffle that leaves the spatial axes alone. Anything else is refused,
+naming the node and the op.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-
+from . import ops
 from .errors import Fc2ConvError
 from .graph import GraphIndex, attr, node_label
 
@@ -53,138 +61,242 @@ def compose(layers, start: Axis) -> Axis:
     return a
 
 
-WINDOWED = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})
-MIXING = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "InstanceNormalization", "Resize",
-                    "Upsample", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1",
-                    "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "Reshape", "Flatten",
-                    "ConvTranspose", "MatMul", "Gemm", "GroupNormalization", "LayerNormalization",
-                    "SpaceToDepth", "DepthToSpace", "RoiAlign", "MaxRoiPool", "Einsum", "ScatterND",
-                    "GatherND", "GridSample", "Expand", "Tile"})
+Geo = dict  # tensor axis -> Axis, for the tensor's spatial axes
 
 
-class Tracer:
-    """Geometry of every spatial tensor axis, memoised; refuses ops that mix
-    positions (a global pool or a Reshape in the trunk) with their name."""
+@dataclass
+class Trace:
+    """What the forward pass found: the geometry of every trunk tensor with
+    spatial axes, the channel-shuffle Reshapes dense mode rewrites, the global
+    pools kept global (``keep_global``), and, in lenient mode, the refusals it
+    recorded instead of raising."""
+    geo: dict = field(default_factory=dict)        # tensor -> Geo
+    reshapes: list = field(default_factory=list)   # (Reshape node, spatial rank, middle dims)
+    kept_global: list = field(default_factory=list)  # node labels
+    refusals: list = field(default_factory=list)   # sentences (lenient mode)
 
-    def __init__(self, idx: GraphIndex, shapes):
-        self.idx = idx
-        self.shapes = shapes
-        self.memo: dict[str, dict[int, Axis]] = {}
-        # Reshapes that only regroup the leading (non-spatial) axes but pin the
-        # spatial size in a constant: dense mode rewrites their shape from
-        # Shape(x). node id -> (node, spatial rank, middle dims)
-        self.reshapes: dict[int, tuple] = {}
 
-    def _shape(self, name):
+class _Refused(Exception):
+    pass
+
+
+def trace(idx: GraphIndex, shapes, sources, *, keep_global: bool = False, lenient: bool = False) -> Trace:
+    """Geometry of the trunk that computes ``sources`` (the maps the heads read).
+
+    Args:
+        keep_global: global pools in the trunk (squeeze-excitation) stay global
+            over the whole input: accepted, their outputs carry no position.
+        lenient: record what is not per position in ``Trace.refusals`` and go
+            on as if it were (the dense check uses this to test a model that
+            was made dense anyway); otherwise raise :class:`Fc2ConvError`.
+    """
+    cone = _cone(idx, sources)
+    # Pass 1 learns which input axes reach the heads' spatial axes (an NHWC
+    # input's channel axis does not); pass 2 checks with only those spatial.
+    first = _Pass(idx, shapes, cone, None, keep_global=True, lenient=True).run()
+    wanted = {(a.input, a.input_axis) for s in sources for a in first.geo.get(s, {}).values()}
+    return _Pass(idx, shapes, cone, wanted, keep_global=keep_global, lenient=lenient).run()
+
+
+def _cone(idx: GraphIndex, sources) -> list:
+    """Nodes that compute ``sources``, in graph order (iterative walk)."""
+    keep, stack, seen = set(), list(sources), set()
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        node = idx.producer.get(t)
+        if node is None:
+            continue
+        pos = idx.position[id(node)]
+        if pos in keep:
+            continue
+        keep.add(pos)
+        stack.extend(i for i in node.input if i)
+    return [idx.graph.node[p] for p in sorted(keep)]
+
+
+class _Pass:
+    def __init__(self, idx: GraphIndex, shapes, cone, wanted, *, keep_global, lenient):
+        self.idx, self.shapes, self.cone, self.wanted = idx, shapes, cone, wanted
+        self.keep_global, self.lenient = keep_global, lenient
+        self.out = Trace()
+
+    def shape(self, name):
         info = self.shapes.get(name)
         return None if info is None else info.shape
 
-    def geo(self, name: str) -> dict[int, Axis]:
-        if name in self.memo:
-            return self.memo[name]
-        self.memo[name] = {}
-        result = self._compute(name)
-        self.memo[name] = result
-        return result
+    def rank(self, name) -> int:
+        return len(self.shape(name) or ())
 
-    def _compute(self, name: str) -> dict[int, Axis]:
-        idx = self.idx
-        if idx.value(name) is not None:
-            return {}
-        node = idx.producer.get(name)
-        if node is None:
-            if name in idx.inputs:
-                rank = len(self._shape(name) or ())
-                return {a: Axis(name, a, 1, 1, 0) for a in range(1, rank)}
-            return {}
+    def run(self) -> Trace:
+        geo = self.out.geo
+        for name in self.idx.inputs:
+            axes = range(1, self.rank(name))
+            geo[name] = {a: Axis(name, a, 1, 1, 0) for a in axes
+                         if self.wanted is None or (name, a) in self.wanted}
+        for node in self.cone:
+            if self.idx.value(node.output[0]) is not None if node.output else True:
+                continue  # a constant expression
+            ins = [geo.get(i) or {} for i in node.input]
+            if not any(ins):
+                continue  # no input has positions: neither has its output
+            try:
+                outs = self.node(node, ins)
+            except _Refused as exc:
+                if not self.lenient:
+                    raise Fc2ConvError(str(exc)) from None
+                self.out.refusals.append(str(exc))
+                outs = [self.join(node, ins, check=False)] * len(node.output)
+            for name, g in zip(node.output, outs):
+                if name and g:
+                    geo[name] = g
+        return self.out
+
+    def refuse(self, node, why: str, hint: str = ""):
+        raise _Refused(f"{node.op_type} {node_label(node)!r} in the trunk {why}, so the model cannot be made "
+                       f"dense{'; ' + hint if hint else ''}")
+
+    # -- one node -----------------------------------------------------------
+    def node(self, node, ins) -> list:
         op = node.op_type
-        data = [i for i in node.input if i and idx.value(i) is None]
-        if op == "Shape" or op == "Size":
-            return {}
-        if not data:
-            return {}
-        if op in WINDOWED:
-            return self._windowed(node)
-        if op == "Transpose":
-            perm = list(attr(node, "perm", []) or reversed(range(len(self._shape(node.input[0]) or ()))))
-            src = self.geo(node.input[0])
-            return {i: src[p] for i, p in enumerate(perm) if p in src}
-        if op == "Pad":
-            return self._pad(node)
-        if op == "Reshape" and node.domain in ("", "ai.onnx"):
-            return self._reshape(node)
-        if op in ("Slice", "Gather") and node.domain in ("", "ai.onnx"):
-            return self._select(node)
-        if op in MIXING or node.domain not in ("", "ai.onnx"):
-            srcs = [self.geo(i) for i in data]
-            if any(s for s in srcs):
-                raise Fc2ConvError(f"{op} {node_label(node)!r} in the trunk mixes or fixes spatial positions, "
-                                   "so the model cannot be made dense")
-            return {}
-        if op in ("Concat", "Split", "Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin", "CumSum",
-                  "TopK", "LpNormalization"):
-            axis = attr(node, "axis", 1 if op != "Softmax" else -1)
-            rank = len(self._shape(node.output[0]) or self._shape(data[0]) or ())
-            if rank and axis % rank >= 2:
-                srcs = [self.geo(i) for i in data]
-                if any(s for s in srcs):
-                    raise Fc2ConvError(f"{op} {node_label(node)!r} in the trunk acts along a spatial axis, "
-                                       "so the model cannot be made dense")
-        return self._join(node, [self.geo(i) for i in data])
+        if not ops.is_default(node):
+            self.refuse(node, f"is a custom op ({node.domain}:{op}) not known to act per position")
+        if op in ops.POINTWISE:
+            return [self.join(node, ins[:1])] * len(node.output)
+        if op in ops.BROADCAST:
+            return [self.join(node, ins)] + [{}] * (len(node.output) - 1)
+        if op in ops.PER_CHANNEL:
+            if 1 in ins[0] and self.wanted is not None:
+                self.refuse(node, "scales along a spatial axis")
+            return [self.join(node, ins[:1])] + [{}] * (len(node.output) - 1)
+        if op in ops.WINDOWED:
+            return [self.windowed(node, ins[0])] + [{}] * (len(node.output) - 1)
+        if op in ops.GLOBAL_POOLS:
+            return [self.global_pool(node, ins[0])]
+        if op in ops.AXIS_OPS:
+            return self.axis_op(node, ins)
+        handler = {"Transpose": self.transpose, "Pad": self.pad, "Reshape": self.reshape,
+                   "Squeeze": self.squeeze, "Unsqueeze": self.squeeze, "Slice": self.select,
+                   "Gather": self.select, "Shape": lambda n, i: [{}], "Size": lambda n, i: [{}]}.get(op)
+        if handler is None:
+            self.refuse(node, f"is not known to act per position (op {op})")
+        return handler(node, ins)
 
-    def _join(self, node, srcs) -> dict[int, Axis]:
-        out: dict[int, Axis] = {}
-        for src in srcs:
+    def join(self, node, ins, check: bool = True) -> Geo:
+        """Geometry of an element-wise combination (broadcast, right-aligned)."""
+        rank = self.rank(node.output[0]) or max((self.rank(i) for i in node.input if i), default=0)
+        out: Geo = {}
+        for name, src in zip(node.input, ins):
+            shift = rank - self.rank(name) if rank else 0
             for axis, a in src.items():
-                if axis not in out:
+                axis += shift
+                b = out.get(axis)
+                if b is None:
                     out[axis] = a
                     continue
-                b = out[axis]
                 if (a.input, a.input_axis) != (b.input, b.input_axis) or a.stride != b.stride:
                     raise Fc2ConvError(f"{node.op_type} {node_label(node)!r} joins maps of different strides "
                                        f"({a.stride} and {b.stride}); the dense geometry is undefined")
                 out[axis] = Axis(a.input, a.input_axis, a.stride, max(a.receptive_field, b.receptive_field),
                                  min(a.offset, b.offset), a.padded or b.padded)
+        if check:
+            for name, src in zip(node.input, ins):
+                if name and not src:
+                    self.flat_along(node, name, out, rank)
         return out
 
-    def _refuse(self, node, why: str):
-        raise Fc2ConvError(f"{node.op_type} {node_label(node)!r} in the trunk {why}, so the model cannot be made dense")
+    def flat_along(self, node, name, spatial: Geo, rank: int) -> None:
+        """An operand without positions must not vary along the spatial axes
+        (a positional constant would make each position different)."""
+        shape = self.idx.const_shape(name) if self.idx.is_const(name) else self.shape(name)
+        if shape is None:
+            if self.idx.is_const(name):
+                return
+            self.refuse(node, f"combines the map with {name!r}, whose shape is unknown")
+        shift = rank - len(shape)
+        for axis in spatial:
+            i = axis - shift
+            if 0 <= i < len(shape) and shape[i] != 1:
+                what = "a constant" if self.idx.is_const(name) else "a tensor without positions"
+                self.refuse(node, f"combines the map with {what} {name!r} of shape {list(shape)} "
+                                  f"that varies along spatial axis {axis}")
 
-    def _reshape(self, node) -> dict[int, Axis]:
-        """A Reshape that keeps the spatial axes last and untouched (a channel
-        shuffle's [N,C,H,W] -> [N,g,C/g,H,W]) maps them through; anything
-        else mixes positions."""
-        src = self.geo(node.input[0])
-        if not src:
-            return {}
-        ishape, oshape = self._shape(node.input[0]), self._shape(node.output[0])
-        spatial = sorted(src)
-        if ishape is None or oshape is None or len(node.input) < 2:
-            self._refuse(node, "reshapes spatial axes")
-        r_in, r_out, s = len(ishape), len(oshape), len(spatial)
-        target = self.idx.value(node.input[1])
-        # The spatial axes stay last with their sizes (where inference knows the
-        # input's); the batch entry is replaced by Shape(x)[0] when rewritten.
-        ok = (spatial == list(range(r_in - s, r_in)) and r_out > s
-              and all(isinstance(d, int) for d in oshape[1:])
-              and all(not isinstance(a, int) or a == b for a, b in zip(ishape[r_in - s:], oshape[r_out - s:]))
-              and target is not None and target.ndim == 1 and len(target) == r_out
-              and [int(d) for d in target[r_out - s:]] == [int(d) for d in oshape[r_out - s:]])
-        if not ok:
-            self._refuse(node, "reshapes spatial axes")
-        self.reshapes[id(node)] = (node, s, [int(d) for d in oshape[1:r_out - s]])
-        return {r_out - s + j: src[spatial[j]] for j in range(s)}
+    def axis_op(self, node, ins) -> list:
+        op = node.op_type
+        data = ins[0]
+        rank = self.rank(node.input[0])
+        if op == "MatMul":
+            if ins[1] or not self.idx.is_const(node.input[1]) or len(self.idx.const_shape(node.input[1])) != 2:
+                self.refuse(node, "multiplies the map by a tensor that is not a constant matrix")
+        if op == "Concat":
+            acted = ops.acted_axes(node, self.rank(node.output[0]), self.idx.opset, self.idx.value)
+        else:
+            acted = ops.acted_axes(node, rank, self.idx.opset, self.idx.value) if rank else None
+        if acted is None:
+            self.refuse(node, "acts along axes that are not known statically")
+        mixed = sorted(acted & set(data if op != "Concat" else self.join(node, ins, check=False)))
+        if mixed:
+            if op in ops.REDUCES and set(data) <= acted:
+                return [self.global_pool(node, data)]
+            names = {o: f"the axis {o}" for o in mixed}
+            self.refuse(node, f"acts along spatial axis {', '.join(str(m) for m in names)} "
+                              f"(axes {sorted(acted)} of a rank-{rank} tensor at opset {self.idx.opset})")
+        if op == "Concat":
+            return [self.join(node, ins)]
+        if op in ("LayerNormalization", "BatchNormalization"):
+            return [self.join(node, ins[:1])] + [{}] * (len(node.output) - 1)
+        gone = ops.removes_axes(node, acted)
+        out = {a - sum(1 for g in gone if g < a): v for a, v in data.items()}
+        if op in ("Split", "TopK"):
+            return [out] * len(node.output) if op == "Split" else [out, out]
+        return [out] + [{}] * (len(node.output) - 1)
 
-    def _select(self, node) -> dict[int, Axis]:
+    def global_pool(self, node, data) -> Geo:
+        if not self.keep_global:
+            self.refuse(node, "pools over all positions (as squeeze-excitation blocks do)",
+                        "--keep-global-pools keeps such pools global over the whole input")
+        self.out.kept_global.append(node_label(node))
+        return {}
+
+    def transpose(self, node, ins) -> list:
+        perm = list(attr(node, "perm", []) or reversed(range(self.rank(node.input[0]))))
+        return [{i: ins[0][p] for i, p in enumerate(perm) if p in ins[0]}]
+
+    def squeeze(self, node, ins) -> list:
+        src, rank = ins[0], self.rank(node.input[0])
+        axes = attr(node, "axes", None)
+        if axes is None:
+            axes = ops._axes_input(node, 1, self.idx.value)
+        if axes is None or (node.op_type == "Squeeze" and not axes):
+            self.refuse(node, "changes the rank by axes that are not known statically")
+        if node.op_type == "Squeeze":
+            gone = ops._norm(axes, rank)
+            if gone & set(src):
+                self.refuse(node, "removes a spatial axis")
+            return [{a - sum(1 for g in gone if g < a): v for a, v in src.items()}]
+        new = ops._norm(axes, rank + len(axes))
+        out, j = {}, 0
+        for i in range(rank + len(axes)):
+            if i in new:
+                continue
+            if j in src:
+                out[i] = src[j]
+            j += 1
+        return [out]
+
+    def select(self, node, ins) -> list:
         """Slice/Gather along non-spatial axes (a channel split) keep positions."""
-        src = self.geo(node.input[0])
-        if not src:
-            return {}
-        rank = len(self._shape(node.input[0]) or ())
+        src = ins[0]
+        if any(ins[1:]):
+            self.refuse(node, "selects by indices computed from the map")
+        rank = self.rank(node.input[0])
         if node.op_type == "Gather":
             axes = [int(attr(node, "axis", 0))]
-            if self.idx.value(node.input[1]) is None or self.idx.value(node.input[1]).ndim != 1:
-                self._refuse(node, "gathers with indices that change the rank")
+            ind = self.idx.value(node.input[1])
+            if ind is None or ind.ndim != 1:
+                self.refuse(node, "gathers with indices that change the rank")
         else:
             axes = attr(node, "axes", None)
             if axes is None and len(node.input) > 3 and node.input[3]:
@@ -197,26 +309,50 @@ class Tracer:
                     starts = None if v is None else list(v.reshape(-1))
                 axes = list(range(len(starts))) if starts is not None else None
         if axes is None or not rank or any(a % rank in src for a in axes):
-            self._refuse(node, "slices along a spatial axis")
-        return dict(src)
+            self.refuse(node, "slices along a spatial axis")
+        return [dict(src)]
 
-    def _windowed(self, node) -> dict[int, Axis]:
-        src = self.geo(node.input[0])
-        ishape = self._shape(node.input[0])
+    def reshape(self, node, ins) -> list:
+        """A Reshape that keeps the spatial axes last and untouched (a channel
+        shuffle's [N,C,H,W] -> [N,g,C/g,H,W]) maps them through; anything
+        else mixes positions."""
+        src = ins[0]
+        ishape, oshape = self.shape(node.input[0]), self.shape(node.output[0])
+        spatial = sorted(src)
+        if ishape is None or oshape is None or len(node.input) < 2:
+            self.refuse(node, "reshapes spatial axes")
+        r_in, r_out, s = len(ishape), len(oshape), len(spatial)
+        target = self.idx.value(node.input[1])
+        # The spatial axes stay last with their sizes (where inference knows the
+        # input's); the batch entry is replaced by Shape(x)[0] when rewritten.
+        ok = (spatial == list(range(r_in - s, r_in)) and r_out > s
+              and all(isinstance(d, int) for d in oshape[1:])
+              and all(not isinstance(a, int) or a == b for a, b in zip(ishape[r_in - s:], oshape[r_out - s:]))
+              and target is not None and target.ndim == 1 and len(target) == r_out
+              and [int(d) for d in target[r_out - s:]] == [int(d) for d in oshape[r_out - s:]])
+        if not ok:
+            self.refuse(node, "reshapes spatial axes")
+        self.out.reshapes.append((node, s, [int(d) for d in oshape[1:r_out - s]]))
+        return [{r_out - s + j: src[spatial[j]] for j in range(s)}]
+
+    def windowed(self, node, src) -> Geo:
+        ishape = self.shape(node.input[0])
         if node.op_type == "Conv":
-            wshape = self._shape(node.input[1])
+            wshape = self.shape(node.input[1]) or self.idx.const_shape(node.input[1])
             kernel = attr(node, "kernel_shape", None) or (list(wshape[2:]) if wshape else None)
         else:
             kernel = attr(node, "kernel_shape", None)
         if kernel is None:
-            raise Fc2ConvError(f"{node.op_type} {node_label(node)!r} has no known kernel shape")
+            self.refuse(node, "has no known kernel shape")
+        if 1 in src and self.wanted is not None:  # (pass 1 still counts an input's channel axis)
+            self.refuse(node, "reads a spatial axis as its channels")
         n = len(kernel)
         strides = attr(node, "strides", None) or [1] * n
         dilations = attr(node, "dilations", None) or [1] * n
         pads = attr(node, "pads", None) or [0] * (2 * n)
         auto = attr(node, "auto_pad", b"NOTSET")
         auto = auto.decode() if isinstance(auto, bytes) else auto
-        out: dict[int, Axis] = {}
+        out: Geo = {}
         for i in range(n):
             axis = i + 2
             if axis not in src:
@@ -226,7 +362,7 @@ class Tracer:
             if auto in ("SAME_UPPER", "SAME_LOWER"):
                 size = ishape[axis] if ishape else None
                 if not isinstance(size, int):
-                    raise Fc2ConvError(f"{node.op_type} {node_label(node)!r} pads by auto_pad={auto} on an unknown size")
+                    self.refuse(node, f"pads by auto_pad={auto} on an unknown size")
                 total = max((-(-size // s) - 1) * s + d * (k - 1) + 1 - size, 0)
                 p = total // 2 if auto == "SAME_UPPER" else total - total // 2
             elif auto == "VALID":
@@ -234,18 +370,18 @@ class Tracer:
             out[axis] = compose([(k, s, p, d)], src[axis])
         return out
 
-    def _pad(self, node) -> dict[int, Axis]:
-        src = self.geo(node.input[0])
+    def pad(self, node, ins) -> list:
+        src = ins[0]
         pads = attr(node, "pads", None)
         if pads is None and len(node.input) > 1:
             v = self.idx.value(node.input[1])
             pads = None if v is None else [int(x) for x in v.reshape(-1)]
         if pads is None or (len(node.input) > 3 and node.input[3]):
-            raise Fc2ConvError(f"Pad {node_label(node)!r} in the trunk has unknown pads")
+            self.refuse(node, "has pads that are not known statically")
         rank = len(pads) // 2
         out = {}
         for axis, a in src.items():
             p = pads[axis] if axis < rank else 0
             out[axis] = Axis(a.input, a.input_axis, a.stride, a.receptive_field, a.offset - p * a.stride,
                              a.padded or p > 0)
-        return out
+        return [out]

@@ -46,11 +46,6 @@ def save(model: onnx.ModelProto, path, *, external_data: bool | None = None, sha
         raise Fc2ConvError(f"{path}: the output folder {str(folder)!r} is not writable")
     if path.is_dir():
         raise Fc2ConvError(f"{path}: is a directory; give a file name for the output")
-    if os.environ.get("ONNX_FC2CONV_STRICT"):  # the test suite: every written model must satisfy strict consumers
-        from .shapes import strict_problem
-
-        problem = strict_problem(model)
-        assert problem is None, f"{path}: the model to be written fails the strict checks: {problem}"
     external = has_external(model)
     size = estimated_size(model)
     use_external = external_data if external_data is not None else (external or size > limit)

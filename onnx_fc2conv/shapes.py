@@ -194,11 +194,17 @@ def infer(model: onnx.ModelProto, overrides: dict[str, list[int]] | None = None)
     input_names = {i.name for i in model.graph.input}
     infos: dict[str, TensorInfo] = {t.name: TensorInfo(tuple(int(d) for d in t.dims), t.data_type)
                                     for t in model.graph.initializer}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
-    except Exception as exc:  # onnx raises several types here; all mean the same to the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise Fc2ConvError(f"shape inference failed: {first}") from None
+    inferred = _run_inference(light)
+    if not overrides and model.graph.value_info:
+        # Where inference knows nothing (a custom op's output), the exporter's
+        # annotation is all there is: use it, and infer again from there.
+        known = {vi.name for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
+                 if vi.type.tensor_type.HasField("shape")}
+        missing = [vi for vi in model.graph.value_info
+                   if vi.name not in known and vi.type.tensor_type.HasField("shape") and vi.name not in infos]
+        if missing:
+            light.graph.value_info.extend(missing)
+            inferred = _run_inference(light)
     g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         if vi.name in infos and vi.name not in input_names:
@@ -208,15 +214,23 @@ def infer(model: onnx.ModelProto, overrides: dict[str, list[int]] | None = None)
     return infos
 
 
+def _run_inference(light: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:  # onnx raises several types here; all mean the same to the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise Fc2ConvError(f"shape inference failed: {first}") from None
+
+
 def strict_problem(model: onnx.ModelProto) -> str | None:
     """What a strict consumer would reject in ``model``: the first message of
     ``onnx.checker.check_model(full_check=True)`` or of strict shape inference
     (run on a weight-free copy), or None. Every model the tool writes must
-    give None (tested on every save of the test suite, see save.py)."""
+    give None (asserted on every conversion of the test suite, see api.convert)."""
     light = light_model(model)
     try:
         onnx.checker.check_model(light, full_check=True)
-        onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
+        onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:  # onnx raises several types; the message is what matters
         return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
     return None

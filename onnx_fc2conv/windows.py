@@ -13,11 +13,34 @@ When no op of the trunk pads (offset 0), the windows are also pixel crops:
 ``dense[..., i, j]`` must equal the original run on
 ``x[..., i*s : i*s + H, j*s : j*s + W]``. With zero padding the two
 legitimately differ (a crop sees zeros where the big image has pixels).
+
+Both comparisons above run the ORIGINAL trunk, which the dense model shares:
+they test the head, not whether the trunk is the same local function at every
+position. Translation equivariance of the DENSE model tests that. Along each
+spatial input axis, with ``s`` the map's stride, ``rf`` the full receptive
+field of a position and ``off`` its offset (dense.DenseHead.geometry_dict),
+take ``x`` of length ``L`` and its two crops ``xa = x[0 : L-s]`` and
+``xb = x[s : L]``. Position ``p`` of ``dense(xb)`` and position ``p+1`` of
+``dense(xa)`` see the same pixels of ``x``; where neither window reaches the
+border (``off + p*s >= 0`` and ``off + (p+1)*s + rf - 1 <= L-s-1``) no padding
+enters either, so a trunk that acts the same at every position gives::
+
+    dense(xb)[..., p, ...] == dense(xa)[..., p+1, ...]
+
+A position-mixing op (a normalisation over H and W, a Softmax that flattens
+C*H*W) breaks it at every such position. ``L - s`` is the native size plus a
+whole number of strides (so SAME padding and floor rounding stay as at the
+native size), large enough for at least two such positions; the other axes
+stay native. Global pools the plan keeps global (``plan.kept_global``) make
+every position depend on the whole image by design: the test then does not
+apply and the report says so.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -28,6 +51,30 @@ from .errors import Fc2ConvError
 from .verify import CheckReport, OutputReport, _merge, compare, random_inputs, session
 
 MAX_POSITIONS = 48
+# The shift test enlarges one axis at a time up to this many times its native
+# size (or native + MAX_SHIFT_STEPS strides, if more) to find interior positions.
+MAX_SHIFT_FACTOR = 16
+MAX_SHIFT_STEPS = 64
+
+
+@dataclass
+class DenseCheckReport(CheckReport):
+    """A CheckReport with notes: tests that did not run, and why (neither
+    passed nor failed)."""
+    notes: list = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return super().lines() + ["  " + n for n in self.notes]
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "notes": list(self.notes)}
+
+
+def _analyse(model, infos, heads, layers, overrides):
+    """The dense plan, leniently: the check must still run (and fail, by
+    measurement) on a dense model whose trunk conversion would refuse; what
+    conversion would refuse is listed as notes, global pools stay global."""
+    return dense_mod.analyse(model, infos, heads, layers, overrides, lenient=True)
 
 
 def _cone(model: onnx.ModelProto, outputs, stop) -> list[onnx.NodeProto]:
@@ -71,7 +118,7 @@ def check_dense(original: onnx.ModelProto, converted, *, provider="cpu", atol=No
         conv_proto = converted if isinstance(converted, onnx.ModelProto) else load(converted, check=False).model
         return check_models(original, converted, provider=provider, atol=atol, rtol=rtol,
                             input_shapes=input_shapes, seed=seed, converted_proto=conv_proto)
-    plan = dense_mod.analyse(original, infos, heads, layers, overrides)
+    plan = _analyse(original, infos, heads, layers, overrides)
     out_types = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
     in_infos = shapes_mod.input_infos(original)
     s_orig = session(original, provider, "the original model")
@@ -125,7 +172,7 @@ def check_dense(original: onnx.ModelProto, converted, *, provider="cpu", atol=No
 
         trunk_source = onnx.ModelProto()
         trunk_source.CopyFrom(original)
-        fixed_plan = dense_mod.analyse(trunk_source, infos, find.find_heads(trunk_source, infos)[0], layers, overrides)
+        fixed_plan = _analyse(trunk_source, infos, find.find_heads(trunk_source, infos)[0], layers, overrides)
         rewrite.apply(trunk_source, plan_trunk_fixes(GraphIndex(trunk_source), Namer(trunk_source.graph), fixed_plan))
     trunk_inputs = []
     for name in in_infos:
@@ -150,7 +197,10 @@ def check_dense(original: onnx.ModelProto, converted, *, provider="cpu", atol=No
         head_models.append((h, session(_submodel(original, nodes, inputs, outs), provider), free_batch, extra))
 
     sizes = dense_mod.window_sizes(plan)
-    no_padding = all(not a.padded and a.offset == 0 for h in plan.heads for a in h.geometry)
+    # pixel crops equal windows only without padding, and only where no pool
+    # in the trunk sees the whole (larger) input
+    no_padding = all(not a.padded and a.offset == 0 for h in plan.heads for a in h.geometry) \
+        and not plan.kept_global
     for size in sizes:
         shapes = {n: concrete(n, size.get(n)) for n in in_infos}
         feeds = random_inputs(original, shapes, int(rng.integers(1 << 30)))
@@ -189,11 +239,91 @@ def check_dense(original: onnx.ModelProto, converted, *, provider="cpu", atol=No
                         e = np.stack([c[o_i] for c in crops])
                         a = np.stack([dense_out[o][(Ellipsis,) + pos] for pos in positions])
                         add(f"{o} @{size_label} pixel crops", e, a, out_types.get(o, 0))
+
+    # 3. translation equivariance of the dense model itself
+    notes: list[str] = [f"NOTE  {r}" for r in plan.refusals]
+    shift_runs = _shift_check(original, s_dense, plan, in_infos, native_shapes, out_types, rng, add, errors, notes)
     outputs = [_merge(v) for v in reports.values()]
     ok = not errors and bool(outputs) and all(r.passed for r in outputs)
-    report = CheckReport(ok, provider, 1 + len(sizes), native_shapes, outputs, errors)
+    report = DenseCheckReport(ok, provider, 1 + len(sizes) + shift_runs, native_shapes, outputs, errors, notes=notes)
     report.mode = "dense"
     return report
+
+
+def _shift_check(original, s_dense, plan, in_infos, native_shapes, out_types, rng, add, errors, notes) -> int:
+    """Compare dense(x[s:]) with dense(x[:-s]) shifted by one position, per
+    image input axis and map stride; returns the number of dense runs."""
+    kept = list(getattr(plan, "kept_global", ()) or ())
+    if kept:
+        op_of = {n.name: n.op_type for n in original.graph.node}
+        named = ", ".join(f"{op_of[k]} {k!r}" if k in op_of else repr(k) for k in kept)
+        notes.append(f"SKIPPED  translation equivariance: does not apply, the trunk keeps {named} global over "
+                     "the whole input (--keep-global-pools), so every position depends on the whole image by design")
+        return 0
+    several = len(plan.image_inputs) > 1
+    groups: dict[tuple, list] = {}
+    for h in plan.heads:
+        for k, a in enumerate(h.geometry):
+            groups.setdefault((a.input, a.input_axis, a.stride), []).append((h, k, a))
+    out_names = [o.name for o in s_dense.get_outputs()]
+    # Batch 1 where the batch dim is free: the test is per image and the sizes can be large.
+    base = {n: [1 if (i == 0 and not isinstance(in_infos[n].shape[0], int)) else d
+                for i, d in enumerate(dims)] for n, dims in native_shapes.items()}
+    runs = 0
+    for (inp, axis, s), members in groups.items():
+        native = base[inp][axis]
+        where = f"{inp} axis {axis}" if several else f"axis {axis}"
+        # Per member: full receptive field rf, offset off, first interior p.
+        spans = []
+        for h, k, a in members:
+            rf = a.receptive_field + (h.window[k] - 1) * a.stride
+            spans.append((rf, a.offset, max(0, math.ceil(-a.offset / s))))
+        # Two positions p = p0, p0+1 need off + (p0+2)*s + rf - 1 <= L' - 1.
+        need = max(rf + off + (p0 + 2) * s for rf, off, p0 in spans)
+        steps = max(1, math.ceil((need - native) / s))
+        cap = max(MAX_SHIFT_FACTOR * native, native + MAX_SHIFT_STEPS * s)
+        steps = min(steps, max(1, (cap - native) // s - 1))
+        length = native + steps * s  # L' = L - s, the size of both crops
+        shapes = {n: list(d) for n, d in base.items()}
+        shapes[inp][axis] = length + s
+        feeds = random_inputs(original, shapes, int(rng.integers(1 << 30)))
+        x = feeds[inp]
+        crop = [slice(None)] * x.ndim
+        results = []
+        for lo in (0, s):
+            crop[axis] = slice(lo, lo + length)
+            f = dict(feeds)
+            f[inp] = np.ascontiguousarray(x[tuple(crop)])
+            try:
+                results.append(dict(zip(out_names, s_dense.run(None, f))))
+            except Exception as exc:  # a dense model that cannot run at this size fails its check
+                errors.append(f"onnxruntime cannot run the dense model with {inp} of shape {list(f[inp].shape)}: "
+                              f"{str(exc).splitlines()[0]}")
+                break
+            runs += 1
+        if len(results) < 2:
+            continue
+        res_a, res_b = results
+        for (h, k, a), (rf, off, p0) in zip(members, spans):
+            last = (length - rf - off) // s - 1  # the largest p with p+1 inside in xa
+            for o in h.outputs:
+                da, db = res_a[o], res_b[o]
+                if da.shape != db.shape:
+                    errors.append(f"output {o!r}: the dense maps of two equal-size inputs differ in shape "
+                                  f"({list(da.shape)} and {list(db.shape)})")
+                    continue
+                oax = da.ndim - len(h.window) + k
+                ps = list(range(p0, min(last, da.shape[oax] - 2) + 1))
+                label = f"{o} @shift {where} by {s} px"
+                if not ps:
+                    notes.append(f"SKIPPED  {label}: no map position has its receptive field ({rf} px from "
+                                 f"offset {off}) inside the image at sizes up to {length} px; equivariance not tested")
+                    continue
+                e = np.take(da, [p + 1 for p in ps], axis=oax)
+                got = np.take(db, ps, axis=oax)
+                n = len(ps)
+                add(f"{label} ({n} interior position{'s' if n != 1 else ''})", e, got, out_types.get(o, 0))
+    return runs
 
 
 def _run_head(s_head, h, windows, free_batch, extra, in_infos, plan, batch):

@@ -7,9 +7,9 @@ settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_
 settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# Every model the tool saves during the tests (in this process and in CLI
+# Every model the tool converts during the tests (in this process and in CLI
 # subprocesses, which inherit the environment) must pass onnx's full check and
-# strict shape inference: save() asserts it when this is set.
+# strict shape inference where its original did: api.convert asserts it.
 os.environ["ONNX_FC2CONV_STRICT"] = "1"
 
 # Outcomes of the fuzz tests (test_properties.py), reported at the end of the run.

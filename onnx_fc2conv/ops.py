@@ -1,0 +1,121 @@
+"""What each ONNX op does to the positions of a map: one table of per-op facts.
+
+A map is ``[N, C, *S]`` or a permutation of it (``[N, *S, C]`` after a
+channels-last Transpose). An op acts **per position** when each output
+position depends only on the inputs at that same position. Dense mode may only
+let per-position ops, windowed ops with known geometry and channel-only
+reshuffles stand in the trunk (geometry.py reads this table); an op that is
+not in the table is not per position.
+
+The facts, by kind:
+
+- ``POINTWISE``: element-wise on one tensor (activations, Cast, Dropout...).
+- ``BROADCAST``: element-wise over broadcast inputs (Add, Mul, Where...): per
+  position when every constant operand is constant along the spatial axes.
+- ``PER_CHANNEL``: element-wise with per-channel parameters on axis 1
+  (BatchNormalization): per position while axis 1 is not spatial.
+- :func:`acted_axes`: ops that act *along* some axes (Softmax, LayerNorm,
+  reductions, Concat...), with each axis' source (attribute or input) and its
+  default by opset: per position when none of those axes is spatial.
+- ``WINDOWED``: Conv and the pools, whose geometry is composed (geometry.py).
+- ``GLOBAL_POOLS``: pools over the whole map: never per position.
+- layout ops (Transpose, Reshape, Squeeze, Unsqueeze, Flatten, Slice, Gather,
+  Pad, Shape) are handled by geometry.py, which maps their axes.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from .graph import attr
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+POINTWISE = frozenset({
+    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Gelu",
+    "Softplus", "Softsign", "ThresholdedRelu", "Mish", "Swish", "Abs", "Neg", "Exp", "Log", "Sqrt", "Erf",
+    "Identity", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Tan", "Asin", "Acos",
+    "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Cast", "IsNaN", "IsInf", "Not", "Shrink",
+})
+# element-wise over inputs that broadcast; Clip's and Dropout's extra inputs
+# are scalars, CastLike's second input only gives the type
+BROADCAST = frozenset({
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "PRelu", "Where", "Equal", "Greater",
+    "GreaterOrEqual", "Less", "LessOrEqual", "And", "Or", "Xor", "Mod", "BitShift", "Clip", "Dropout",
+    "CastLike",
+})
+PER_CHANNEL = frozenset({"BatchNormalization"})
+WINDOWED = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})
+GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
+REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
+                     "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"})
+# ops that act along the axes acted_axes() gives, and keep the rank (unless keepdims=0)
+AXIS_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "CumSum", "TopK", "ArgMax",
+                      "ArgMin", "LayerNormalization", "MeanVarianceNormalization", "InstanceNormalization",
+                      "GroupNormalization", "LRN", "Concat", "Split", "MatMul"}) | REDUCES
+
+
+def is_default(node: onnx.NodeProto) -> bool:
+    return node.domain in DEFAULT_DOMAINS
+
+
+def _norm(axes, rank: int) -> set[int]:
+    return {int(a) % rank for a in axes}
+
+
+def _axes_input(node, index: int, value) -> list[int] | None:
+    if len(node.input) > index and node.input[index]:
+        v = value(node.input[index])
+        return None if v is None else [int(a) for a in v.reshape(-1)]
+    return []
+
+
+def acted_axes(node: onnx.NodeProto, rank: int, opset: int, value) -> set[int] | None:
+    """The axes of the first input along which ``node`` combines values (a
+    set of non-negative axes), or None when they cannot be known statically
+    (an axis given by a non-constant input). ``value(name)`` returns a
+    constant's value or None."""
+    op = node.op_type
+    if op in ("Softmax", "LogSoftmax", "Hardmax"):
+        if opset < 13:  # flattens [axis:] into one dimension
+            axis = int(attr(node, "axis", 1)) % rank
+            return set(range(axis, rank))
+        return _norm([attr(node, "axis", -1)], rank)
+    if op in ("LpNormalization", "TopK"):
+        return _norm([attr(node, "axis", -1)], rank)
+    if op in ("ArgMax", "ArgMin"):
+        return _norm([attr(node, "axis", 0)], rank)
+    if op == "CumSum":
+        axes = _axes_input(node, 1, value)
+        return None if not axes else _norm(axes, rank)
+    if op == "LayerNormalization":
+        return set(range(int(attr(node, "axis", -1)) % rank, rank))
+    if op == "MeanVarianceNormalization":
+        return _norm(attr(node, "axes", [0, 2, 3]), rank)
+    if op == "InstanceNormalization":
+        return set(range(2, rank))
+    if op == "GroupNormalization":
+        return set(range(1, rank))
+    if op == "LRN":
+        return {1}
+    if op in ("Concat", "Split"):
+        return _norm([attr(node, "axis", 0)], rank)
+    if op == "MatMul":  # contracts the last axis of A with a constant B
+        return {rank - 1}
+    if op in REDUCES:
+        axes = attr(node, "axes", None)
+        if axes is None:
+            axes = _axes_input(node, 1, value)
+            if axes is None:
+                return None
+        if not axes:
+            return set() if int(attr(node, "noop_with_empty_axes", 0)) else set(range(rank))
+        return _norm(axes, rank)
+    return None
+
+
+def removes_axes(node: onnx.NodeProto, acted: set[int]) -> set[int]:
+    """The axes a reduction drops from its output (keepdims=0), else none."""
+    if (node.op_type in REDUCES or node.op_type in ("ArgMax", "ArgMin")) and not int(attr(node, "keepdims", 1)):
+        return set(acted)
+    return set()
