@@ -343,10 +343,11 @@ def finish(model: onnx.ModelProto, plan: DensePlan) -> None:
 
     symbolic_inputs(model, plan)
     del model.graph.value_info[:]
-    names = AXIS_NAMES.get(len(plan.heads[0].window), ())
     for name, (elem, lead, sp) in plan.trunk_types.items():
+        # the rank, and the leading dims; the spatial dims stay unnamed (a new
+        # symbol would not unify with what tract derives from the input's)
         dims = [d if isinstance(d, int) else (d if isinstance(d, str) and not d.startswith("unk__") else None)
-                for d in lead] + [f"{name}_{names[j] if j < len(names) else f's{j}'}" for j in range(sp)]
+                for d in lead] + [None] * sp
         model.graph.value_info.append(helper.make_tensor_value_info(name, elem, dims))
     head_outputs = {o for h in plan.heads for o in h.outputs}
     spatial = len(plan.heads[0].window)
