@@ -39,6 +39,13 @@ def node_label(node: onnx.NodeProto) -> str:
     return node.name or (node.output[0] if node.output else node.op_type)
 
 
+def node_key(node: onnx.NodeProto) -> str:
+    """A node's identity that survives copies (unlike ``id()`` of a protobuf
+    wrapper): its first output's name (outputs are unique in a graph), else
+    its name."""
+    return next((o for o in node.output if o), node.name)
+
+
 def subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
     """Names that nodes of nested subgraphs (If/Loop/Scan bodies) read."""
     names: set[str] = set()
@@ -66,9 +73,9 @@ class GraphIndex:
         self.outputs = {o.name for o in graph.output}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        self.position: dict[int, int] = {}
+        self.position: dict[str, int] = {}   # node_key -> index in graph.node
         for i, node in enumerate(graph.node):
-            self.position[id(node)] = i
+            self.position[node_key(node)] = i
             for out in node.output:
                 if out:
                     self.producer[out] = node
@@ -79,6 +86,10 @@ class GraphIndex:
         self._values: dict[str, np.ndarray | None] = {}
 
     # -- structure ---------------------------------------------------------
+    def pos(self, node: onnx.NodeProto) -> int:
+        """The node's index in graph.node."""
+        return self.position[node_key(node)]
+
     def uses(self, name: str) -> int:
         """How many places read a tensor (nodes, graph outputs, subgraphs)."""
         return len(self.consumers.get(name, ())) + (name in self.outputs) + (name in self.sub_reads)
@@ -110,17 +121,43 @@ class GraphIndex:
         return 0 if v is None else helper.np_dtype_to_tensor_dtype(v.dtype)
 
     def value(self, name: str) -> np.ndarray | None:
-        """The tensor's constant value, or None when it is not a constant."""
+        """The tensor's constant value, or None when it is not a constant.
+
+        One call evaluates at most ``_MAX_FOLD_NODES`` nodes (values found
+        by earlier calls are free); a larger constant expression counts as
+        not constant. The walk keeps its own stack, so a deep chain costs
+        the budget, never the recursion limit.
+        """
         if not name:
             return None
         if name in self._values:
             return self._values[name]
-        self._values[name] = None  # guards against cycles
-        val = self._compute(name, budget=[_MAX_FOLD_NODES])
-        self._values[name] = val
-        return val
+        budget = _Budget(_MAX_FOLD_NODES)
+        stack = [name]  # each entry waits for the value of the one above it
+        while stack:
+            cur = stack[-1]
+            if cur in self._values:
+                stack.pop()
+                continue
+            step = self._compute(cur, budget)
+            if step is _OVER_BUDGET:
+                self._values[name] = None  # what was evaluated stays known; the rest is not a constant
+                return None
+            if isinstance(step, _Need):
+                if step.name in stack:  # a cycle (an invalid graph): not a constant
+                    self._values[cur] = None
+                else:
+                    stack.append(step.name)
+                continue
+            self._values[cur] = step
+            stack.pop()
+        return self._values[name]
 
-    def _compute(self, name: str, budget: list[int]) -> np.ndarray | None:
+    def _compute(self, name: str, budget: _Budget):
+        """One step of ``value`` for a tensor whose inputs may not be known
+        yet: its value, None (not a constant), ``_Need(input)`` (the next
+        input to work out first, in order, so the first input that is not a
+        constant ends the work) or ``_OVER_BUDGET``."""
         if name in self.initializers:
             return tensor_value(self.initializers[name])
         node = self.producer.get(name)
@@ -130,16 +167,17 @@ class GraphIndex:
             return _constant_node_value(node)
         if node.domain not in ("", "ai.onnx") or node.op_type not in FOLDABLE:
             return None
-        budget[0] -= 1
-        if budget[0] < 0:
-            return None
+        if node.op_type in ("Shape", "Size"):
+            return None  # handled by shape evaluation, not constant folding
+        if not budget.charge(name):
+            return _OVER_BUDGET
         feeds = {}
         for inp in node.input:
             if not inp:
                 continue
-            if node.op_type in ("Shape", "Size") and inp == node.input[0]:
-                return None  # handled by shape evaluation, not constant folding
-            v = self.value(inp)
+            if inp not in self._values:
+                return _Need(inp)
+            v = self._values[inp]
             if v is None:
                 return None
             feeds[inp] = v
@@ -153,11 +191,41 @@ class GraphIndex:
         return outs[list(node.output).index(name)]
 
 
+class _Budget:
+    """How many more nodes one ``GraphIndex.value`` call may evaluate; a
+    node is charged once however often its step is retried."""
+
+    def __init__(self, nodes: int):
+        self.left = nodes
+        self.charged: set[str] = set()
+
+    def charge(self, name: str) -> bool:
+        if name in self.charged:
+            return True
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        self.charged.add(name)
+        return True
+
+
+class _Need:
+    """A step of ``GraphIndex.value`` waits for the value of ``name``."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+_OVER_BUDGET = object()
+
+
 def tensor_value(t: onnx.TensorProto) -> np.ndarray:
     """A tensor's data, refusing data that does not match its dims (an
     untrusted file may declare any dims) before numpy allocates anything."""
     from .errors import Fc2ConvError
-    from .load import declared_bytes
+    from .extdata import declared_bytes, external_bytes
 
     if any(d < 0 for d in t.dims):
         raise Fc2ConvError(f"tensor {t.name!r} has a negative dim {list(t.dims)}")
@@ -165,8 +233,6 @@ def tensor_value(t: onnx.TensorProto) -> np.ndarray:
     if need is None:
         raise Fc2ConvError(f"tensor {t.name!r} has an unknown data type {t.data_type}")
     if t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL:
-        from .load import external_bytes
-
         data = external_bytes(t)
         inline = onnx.TensorProto()
         inline.name, inline.data_type = t.name, t.data_type

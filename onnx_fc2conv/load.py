@@ -1,6 +1,9 @@
 """Load a model from a path or a ModelProto, refusing what is not a valid
 ONNX model with one clear sentence. The caller's ModelProto is copied, never
-mutated. External data is read only from inside the model's folder.
+mutated. External data is read only from inside the model's folder; a
+ModelProto's external tensors must already point at absolute paths of files
+that hold their bytes (a relative location would depend on the current
+directory, so it is refused).
 """
 
 from __future__ import annotations
@@ -11,9 +14,12 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper
 
 from .errors import Fc2ConvError
+# external_bytes, has_external, materialized and declared_bytes were defined
+# here; they stay importable from this module.
+from .extdata import (all_tensors, declared_bytes, estimated_size, external_bytes, external_info,  # noqa: F401
+                      has_external, is_external, materialized)
 
 _CHECK_FULL = 64 << 20  # bytes: above this the checker sees a light copy
 
@@ -28,6 +34,7 @@ def load(source, *, check: bool = True) -> Loaded:
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
+        _check_given_external(model)
         if check:
             _check(model, "the model")
         return Loaded(model, None)
@@ -60,11 +67,7 @@ def load(source, *, check: bool = True) -> Loaded:
 
 
 def _external_tensors(model: onnx.ModelProto):
-    return [t for t in external_data_helper._get_all_tensors(model) if is_external(t)]
-
-
-def is_external(t: onnx.TensorProto) -> bool:
-    return t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL
+    return [t for t in all_tensors(model) if is_external(t)]
 
 
 def _set_location(t: onnx.TensorProto, location: str) -> None:
@@ -73,45 +76,13 @@ def _set_location(t: onnx.TensorProto, location: str) -> None:
             e.value = location
 
 
-def external_bytes(t: onnx.TensorProto) -> bytes:
-    """The bytes of a tensor whose data stayed in its file (loaded models
-    hold the validated absolute location)."""
-    info = {e.key: e.value for e in t.external_data}
-    offset = int(info.get("offset", 0) or 0)
-    length = info.get("length")
-    size = int(length) if length is not None else declared_bytes(t)
-    with open(info["location"], "rb") as f:
-        f.seek(offset)
-        data = f.read(size) if size is not None else f.read()
-    if size is not None and len(data) != size:
-        raise Fc2ConvError(f"tensor {t.name!r}: its external data file ended early")
-    return data
-
-
-def has_external(model: onnx.ModelProto) -> bool:
-    return any(is_external(t) for t in external_data_helper._get_all_tensors(model))
-
-
-def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with every external tensor's bytes inside (for onnxruntime)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for t in external_data_helper._get_all_tensors(copy):
-        if is_external(t):
-            t.raw_data = external_bytes(t)
-            t.data_location = onnx.TensorProto.DEFAULT
-            del t.external_data[:]
-    return copy
-
-
 def _load_external(model: onnx.ModelProto, path: Path) -> None:
     tensors = _external_tensors(model)
     if not tensors:
         return
     base = path.parent.resolve()
     for t in tensors:
-        info = {e.key: e.value for e in t.external_data}
-        loc = info.get("location", "")
+        loc = external_info(t).get("location", "")
         target = (base / loc).resolve()
         if not loc or os.path.isabs(loc) or ".." in Path(loc).parts or base not in target.parents:
             raise Fc2ConvError(f"{path}: tensor {t.name!r} points at external data {loc!r} outside the model's "
@@ -119,39 +90,56 @@ def _load_external(model: onnx.ModelProto, path: Path) -> None:
         if not target.is_file():
             raise Fc2ConvError(f"{path}: external data file {loc!r} of tensor {t.name!r} is missing; "
                                "keep it beside the model")
-        size = target.stat().st_size
-        try:
-            offset, length = int(info.get("offset", 0) or 0), info.get("length")
-            length = None if length is None else int(length)
-        except ValueError:
-            raise Fc2ConvError(f"{path}: tensor {t.name!r} has a malformed external data offset or length") from None
-        declared = declared_bytes(t)
-        if offset < 0 or offset > size or (length is not None and (length < 0 or offset + length > size)) \
-                or (declared is not None and offset + declared > size):
-            raise Fc2ConvError(f"{path}: tensor {t.name!r} (dims {list(t.dims)}) reads past the end of {loc!r}; "
-                               "the data file is truncated or the dims are wrong")
+        _check_extent(t, target.stat().st_size, loc, str(path))
         # Weights stay in their files: the location becomes the validated
         # absolute path, read on demand (external_bytes) and rewritten by save.
         _set_location(t, str(target))
 
 
-def declared_bytes(t: onnx.TensorProto) -> int | None:
-    import numpy as np
-    from onnx import helper
+def _check_given_external(model: onnx.ModelProto) -> None:
+    """A ModelProto handed in by a caller: its external tensors must already
+    point at absolute paths of readable files that hold their bytes (what a
+    model loaded by this tool holds). A relative location would be read
+    relative to whatever the current directory is, so it is refused."""
+    seen: dict[str, int | str] = {}
+    for t in _external_tensors(model):
+        loc = external_info(t).get("location", "")
+        advice = ("pass the model's path instead of a ModelProto, or load it with its data "
+                  "(onnx.load(path) with load_external_data left on)")
+        if not loc or not os.path.isabs(loc):
+            raise Fc2ConvError(f"the model: tensor {t.name!r} points at external data {loc!r} that was never "
+                               f"loaded; {advice}")
+        if loc not in seen:
+            seen[loc] = _readable_size(loc)
+        if isinstance(seen[loc], str):
+            raise Fc2ConvError(f"the model: external data file {loc!r} of tensor {t.name!r} {seen[loc]}; {advice}")
+        _check_extent(t, seen[loc], loc, "the model")
 
+
+def _readable_size(loc: str) -> int | str:
+    """The file's size, or why it cannot be read."""
+    if not os.path.isfile(loc):
+        return "is missing" if not os.path.exists(loc) else "is not a file"
     try:
-        item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-        if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1):
-            n = 1
-            for d in t.dims:
-                n *= max(int(d), 0)
-            return (n + 1) // 2
-    except (KeyError, TypeError, ValueError):
-        return None
-    n = 1
-    for d in t.dims:
-        n *= max(int(d), 0)
-    return n * item
+        with open(loc, "rb") as f:
+            return os.fstat(f.fileno()).st_size
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+
+
+def _check_extent(t: onnx.TensorProto, size: int, loc: str, what: str) -> None:
+    """The tensor's offset, length and dims must fit inside its data file of ``size`` bytes."""
+    info = external_info(t)
+    try:
+        offset, length = int(info.get("offset", 0) or 0), info.get("length")
+        length = None if length is None else int(length)
+    except ValueError:
+        raise Fc2ConvError(f"{what}: tensor {t.name!r} has a malformed external data offset or length") from None
+    declared = declared_bytes(t)
+    if offset < 0 or offset > size or (length is not None and (length < 0 or offset + length > size)) \
+            or (declared is not None and offset + declared > size):
+        raise Fc2ConvError(f"{what}: tensor {t.name!r} (dims {list(t.dims)}) reads past the end of {loc!r}; "
+                           "the data file is truncated or the dims are wrong")
 
 
 def _strings_ok(graph: onnx.GraphProto) -> None:
@@ -171,8 +159,6 @@ def _strings_ok(graph: onnx.GraphProto) -> None:
 
 
 def _check(model: onnx.ModelProto, what: str) -> None:
-    from .save import estimated_size
-
     try:
         _strings_ok(model.graph)
         [(o.domain, o.version) for o in model.opset_import]  # noqa: B018

@@ -20,7 +20,8 @@ from pathlib import Path
 import onnx
 
 from .errors import Fc2ConvError
-from .load import declared_bytes, external_bytes, has_external, is_external
+# estimated_size was defined here; it stays importable from this module.
+from .extdata import all_tensors, declared_bytes, estimated_size, external_bytes, has_external, is_external
 
 PROTO_LIMIT = 2**31 - 1
 _EXTERNAL_MIN = 1024  # tensors of at least this many bytes go to the data file
@@ -39,13 +40,7 @@ def save(model: onnx.ModelProto, path, *, external_data: bool | None = None, sha
             instead of copying them (output in the same folder only).
     """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise Fc2ConvError(f"{path}: the output folder {str(folder)!r} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise Fc2ConvError(f"{path}: the output folder {str(folder)!r} is not writable")
-    if path.is_dir():
-        raise Fc2ConvError(f"{path}: is a directory; give a file name for the output")
+    folder = _output_folder(path)
     external = has_external(model)
     size = estimated_size(model)
     use_external = external_data if external_data is not None else (external or size > limit)
@@ -53,20 +48,32 @@ def save(model: onnx.ModelProto, path, *, external_data: bool | None = None, sha
         return _save_external(model, path, folder, share_data)
     if size > PROTO_LIMIT:
         raise Fc2ConvError(f"{path}: the model is over 2 GB; it must be written with external data")
-    with _swapped(model, [(t, _inline_fields(t)) for t in _all_tensors(model) if is_external(t)]):
+    with _swapped(model, [(t, _inline_fields(t)) for t in all_tensors(model) if is_external(t)]):
         data = model.SerializeToString()
-    _atomic_write(folder, path, [data])
+    _write_and_rename(folder, path, [data])
     return [path]
 
 
-def estimated_size(model: onnx.ModelProto) -> int:
-    """The serialised size, from tensor dims (``ByteSize`` would walk every
-    byte of a large model): weights plus a generous allowance for the rest."""
-    total = 1 << 20
-    for t in _all_tensors(model):
-        n = declared_bytes(t)
-        total += (n if n is not None else 0) + 64
-    return total
+def atomic_write(path, chunks) -> Path:
+    """Write ``chunks`` (bytes, or callables returning bytes, written in
+    order) to ``path`` atomically: a temporary file in the same folder,
+    synced, then renamed over ``path``. Refuses a missing or read-only folder
+    and a directory as the target with ``Fc2ConvError``, as ``save`` does;
+    on any failure the previous file (or nothing) is left."""
+    path = Path(path)
+    _write_and_rename(_output_folder(path), path, chunks)
+    return path
+
+
+def _output_folder(path: Path) -> Path:
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise Fc2ConvError(f"{path}: the output folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise Fc2ConvError(f"{path}: the output folder {str(folder)!r} is not writable")
+    if path.is_dir():
+        raise Fc2ConvError(f"{path}: is a directory; give a file name for the output")
+    return folder
 
 
 def _inline_fields(t: onnx.TensorProto) -> dict:
@@ -118,9 +125,15 @@ class _swapped:
                 t.data_location = loc
 
 
-def _atomic_write(folder: Path, path: Path, chunks) -> None:
+def _write_and_rename(folder: Path, path: Path, chunks) -> None:
     tmp = _write_temp(folder, path.name, chunks)
     _rename(tmp, path)
+
+
+def _atomic_write(folder: Path, path: Path, chunks) -> None:
+    """The former name and signature of ``atomic_write`` (still used by
+    cli.py and heatmap.py); ``folder`` is ``path``'s folder."""
+    _write_and_rename(folder, Path(path), chunks)
 
 
 def _write_temp(folder: Path, name: str, chunks) -> str:
@@ -168,7 +181,7 @@ def _save_external(model: onnx.ModelProto, path: Path, folder: Path, share_data:
     changes, chunks = [], []
     offset = 0
     shared = set()
-    for t in _all_tensors(model):
+    for t in all_tensors(model):
         if is_external(t):
             source = Path({e.key: e.value for e in t.external_data}["location"])
             if share_data and source.parent == folder.resolve() and source.name != data_name:
@@ -209,8 +222,3 @@ def _save_external(model: onnx.ModelProto, path: Path, folder: Path, share_data:
         if tmp_data:
             _unlink(tmp_data)
     return written + sorted(shared)
-
-
-def _all_tensors(model: onnx.ModelProto):
-    from onnx import external_data_helper
-    return external_data_helper._get_all_tensors(model)

@@ -117,8 +117,8 @@ def session(model_or_path, provider: str = "cpu", what: str = "the model"):
     opts.log_severity_level = 4  # errors come back as exceptions; the C++ logger must not print them
     tmpdir = None
     if isinstance(model_or_path, onnx.ModelProto):
-        from .load import has_external, materialized
-        from .save import PROTO_LIMIT, estimated_size, save
+        from .extdata import estimated_size, has_external, materialized
+        from .save import PROTO_LIMIT, save
 
         if estimated_size(model_or_path) > PROTO_LIMIT:
             import tempfile  # onnxruntime reads a model over 2 GB from files only
