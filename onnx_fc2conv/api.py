@@ -12,6 +12,8 @@ import onnx
 from . import dense as dense_mod, find, load as load_mod, plan as plan_mod, rewrite, shapes as shapes_mod, verify
 from .errors import Fc2ConvError
 from .find import Layer
+from .graph import GraphIndex
+from .rules import Context
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +83,14 @@ def _io_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _find(model: onnx.ModelProto, overrides: dict):
-    """Shapes and heads; where the first FC's map has symbolic spatial dims
-    and no --input-shape was given, the native size is derived from K."""
+    """Shapes and heads, and the one Context (graph index + shapes) the rest
+    of the conversion reads; where the first FC's map has symbolic spatial
+    dims and no --input-shape was given, the native size is derived from K."""
     shapes_mod.validate_overrides(model, overrides)
-    infos = shapes_mod.infer(model, overrides)
+    idx = GraphIndex(model)
+    ctx = Context(idx, shapes_mod.infer(model, overrides))
     try:
-        heads, layers = find.find_heads(model, infos)
+        heads, layers = find.find_heads(ctx)
     except find.NeedsInputShape as exc:
         derived = shapes_mod.derive_native(model, exc.tensor, exc.k, overrides)
         if derived is None:
@@ -94,9 +98,9 @@ def _find(model: onnx.ModelProto, overrides: dict):
         log.warning("native input size derived from FC %r (K=%d): %s", exc.fc_name, exc.k,
                     ", ".join(f"{n}={','.join(map(str, d))}" for n, d in derived.items() if n not in overrides))
         overrides = derived
-        infos = shapes_mod.infer(model, overrides)
-        heads, layers = find.find_heads(model, infos)
-    return overrides, infos, heads, layers
+        ctx = Context(idx, shapes_mod.infer(model, overrides))
+        heads, layers = find.find_heads(ctx)
+    return overrides, ctx, heads, layers
 
 
 def _corrupt_strings(fn):
@@ -116,7 +120,7 @@ def _corrupt_strings(fn):
 
 @_corrupt_strings
 def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = False,
-            keep_global_pools: bool = False) -> ConversionResult:
+            keep_global_pools: bool = False, dense_stride: int | None = None) -> ConversionResult:
     """Convert every convertible FC head of ``model`` into convolutions.
 
     Args:
@@ -133,6 +137,8 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
             (squeeze-excitation blocks) stay global over the whole input
             instead of refusing; each position then sees the image-level
             channel context of the whole input (see dense.py).
+        dense_stride: dense mode: a finer map of this stride (a divisor of
+            the trunk's stride) by the à trous rewrite (see atrous.py).
 
     Raises:
         Fc2ConvError: the model or an option is unusable (the message says why).
@@ -144,21 +150,23 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
     # stay acceptable after conversion; an AssertionError is a bug of ours.
     strict = bool(os.environ.get("ONNX_FC2CONV_STRICT")) and shapes_mod.strict_problem(loaded.model) is None
     original_io = _io_skeleton(loaded.model)
-    overrides, infos, heads, layers = _find(loaded.model, overrides)
+    overrides, ctx, heads, layers = _find(loaded.model, overrides)
     if dense and layers and not heads:
         raise Fc2ConvError(_none_converted(layers))
-    dense_plan = dense_mod.analyse(loaded.model, infos, heads, layers, overrides,
+    dense_plan = dense_mod.analyse(loaded.model, ctx.shapes, heads, layers, overrides, ctx=ctx,
                                    keep_global_pools=keep_global_pools) if dense and heads else None
-    plans = plan_mod.plan_heads(loaded.model, heads, dense_plan, infos, fold_batch=fold_batch)
+    plans = plan_mod.plan_heads(loaded.model, heads, dense_plan, ctx.shapes, fold_batch=fold_batch, idx=ctx.idx)
     rewrite.apply(loaded.model, plans)
     if dense_plan is not None:
         dense_mod.finish(loaded.model, dense_plan)
+    from . import atrous
+    fine = atrous.for_convert(loaded.model, dense, dense_plan, dense_stride)
     if strict:
         problem = shapes_mod.strict_problem(loaded.model)
         assert problem is None, f"the converted model fails onnx's full check or strict inference: {problem}"
     log.info("converted %d of %d FC layers in %d head(s)", sum(l.converted for l in layers), len(layers), len(heads))
     return ConversionResult(loaded.model, layers, len(heads), dense, str(loaded.path) if loaded.path else None,
-                            overrides, [h.geometry_dict() for h in dense_plan.heads] if dense_plan else [],
+                            overrides, fine or ([h.geometry_dict() for h in dense_plan.heads] if dense_plan else []),
                             original_io)
 
 
@@ -173,11 +181,11 @@ def inspect(model, input_shapes=None, keep_global_pools: bool = False) -> Inspec
     """List every FC layer: what it consumes and what it would become, or why not."""
     overrides = _overrides(input_shapes)
     loaded = load_mod.load(model)
-    overrides, infos, heads, layers = _find(loaded.model, overrides)
+    overrides, ctx, heads, layers = _find(loaded.model, overrides)
     geometry, reason = [], None
     if heads:
         try:
-            plan = dense_mod.analyse(loaded.model, infos, heads, layers, overrides,
+            plan = dense_mod.analyse(loaded.model, ctx.shapes, heads, layers, overrides, ctx=ctx,
                                      keep_global_pools=keep_global_pools)
             geometry = [h.geometry_dict() for h in plan.heads]
         except Fc2ConvError as exc:

@@ -28,15 +28,15 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from . import kernels
 from .errors import Fc2ConvError
-from .find import BINARY, GLOBAL_POOLS, REDUCES, UNARY, Head, Layer, global_reduce_rank
+from .find import Head, Layer
+from .rules import Context, Refusal
+from .rules.collapse import WINDOWED_POOL, head_pool
+from .rules.steps import match_step
 from .geometry import trace
-from .graph import GraphIndex, attr, node_label
+from .graph import GraphIndex, attr, node_key, node_label
 from .shapes import TensorInfo
 
-CLASS_AXIS_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin"})
-NOOP_RESHAPES = frozenset({"Flatten", "Reshape", "Squeeze", "Identity"})
 AXIS_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
 
 
@@ -47,7 +47,7 @@ class DenseHead:
     window: tuple                    # T's native spatial size
     pool: onnx.NodeProto | None      # node turned into a windowed pool, if any
     pool_op: str | None              # "AveragePool" or "MaxPool"
-    tail: tuple                      # nodes between the last chain op and the outputs
+    tail: tuple                      # Steps from the head's end to the outputs (per position)
     outputs: tuple                   # graph outputs this head writes
     geometry: tuple                  # one Axis per spatial axis of the score map
 
@@ -79,15 +79,17 @@ class DensePlan:
 
 
 def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[Head], layers: list[Layer],
-            overrides: dict, *, keep_global_pools: bool = False, lenient: bool = False) -> DensePlan:
+            overrides: dict, *, keep_global_pools: bool = False, lenient: bool = False,
+            ctx: Context | None = None) -> DensePlan:
     """Decide the dense form of every head, or refuse naming the node.
 
     ``keep_global_pools``: global pools inside the trunk (squeeze-excitation)
     stay global over the whole input. ``lenient`` (the dense check of a model
     made dense by other means): trunk ops that are not per position are
     recorded in ``DensePlan.refusals`` instead of refused."""
-    idx = GraphIndex(model)
-    pools = [_head_pool(idx, shapes, head) for head in heads]
+    ctx = ctx or Context(GraphIndex(model), shapes)
+    idx = ctx.idx
+    pools = [_head_pool(ctx, head) for head in heads]
     found = trace(idx, shapes, [source for _, _, source in pools], keep_global=keep_global_pools or lenient,
                   lenient=lenient)
     # an FC the trunk applies per position (a Linear over a channels-last map)
@@ -99,7 +101,7 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
                                "to become a convolution")
     out = DensePlan([], kept_global=found.kept_global, refusals=found.refusals)
     for head, (pool, pool_op, source) in zip(heads, pools):
-        window = tuple(int(d) for d in _shape(shapes, source)[2:])
+        window = tuple(int(d) for d in ctx.shape(source)[2:])
         geo = found.geo.get(source, {})
         axes = []
         for axis in range(2, 2 + len(window)):
@@ -107,7 +109,7 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
                 raise Fc2ConvError(f"cannot trace spatial axis {axis} of {source!r} back to an input; "
                                    "the model cannot be made dense")
             axes.append(geo[axis])
-        tail, outputs = _tail(idx, head)
+        tail, outputs = _tail(ctx, head)
         dh = DenseHead(head, source, window, pool, pool_op, tuple(tail), tuple(outputs), tuple(axes))
         out.heads.append(dh)
         for a in dh.geometry:
@@ -126,37 +128,25 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
     return out
 
 
-def _shape(shapes, name):
-    info = shapes.get(name)
-    return None if info is None else info.shape
-
-
-def _head_pool(idx: GraphIndex, shapes, head: Head):
+def _head_pool(ctx: Context, head: Head):
     """(pool node or None, windowed pool op, T): the map whose windows the
     head sees is the input of the head's global pool, else the collapsed map."""
     col = head.collapse
     f = col.source
-    producer = idx.producer.get(f)
-    if producer is None:
+    producer = ctx.idx.producer.get(f)
+    kind = head_pool(ctx, producer, col)
+    if kind is None:
         return None, None, f
-    op = producer.op_type
-    label = f"{op} {node_label(producer)!r}"
-    is_global = op in GLOBAL_POOLS or (op in REDUCES and (col.unsqueeze or global_reduce_rank(idx, shapes, producer) > 0))
-    covering = op in ("AveragePool", "MaxPool") and all(d == 1 for d in col.feature_shape[1:])
-    if not (is_global or covering):
-        return None, None, f
-    if op in ("GlobalAveragePool", "ReduceMean", "AveragePool"):
-        pool_op = "AveragePool"
-    elif op in ("GlobalMaxPool", "ReduceMax", "MaxPool"):
-        pool_op = "MaxPool"
-    else:
+    label = f"{producer.op_type} {node_label(producer)!r}"
+    pool_op = WINDOWED_POOL.get(producer.op_type)
+    if pool_op is None:
         raise Fc2ConvError(f"{label} before FC {head.items[0].name!r} has no windowed pool equivalent; "
                            "the model cannot be made dense")
     source = producer.input[0]
-    tshape = _shape(shapes, source)
+    tshape = ctx.shape(source)
     if tshape is None or not all(isinstance(d, int) for d in tshape[2:]):
         raise Fc2ConvError(f"the map {source!r} that {label} pools has an unknown size; give --input-shape")
-    if covering and not _covers(producer, list(tshape[2:])):
+    if kind == "covering" and not _covers(producer, list(tshape[2:])):
         raise Fc2ConvError(f"{label} does not cover its whole map (every position counted once); "
                            "the model cannot be made dense")
     return producer, pool_op, source
@@ -181,11 +171,13 @@ def _covers(pool: onnx.NodeProto, size: list) -> bool:
     return all(pads[i] == 0 and size[i] <= kernel[i] <= size[i] + pads[n + i] for i in range(n))
 
 
-def _tail(idx: GraphIndex, head: Head):
-    """Nodes from the head's end to the graph outputs; each must act per position."""
-    tail, outputs = [], []
+def _tail(ctx: Context, head: Head):
+    """Steps from the head's end to the graph outputs; each must act per
+    position (rules/steps.py, with ops along the class axis)."""
+    idx = ctx.idx
+    tail, outputs, seen, taken = [], [], set(), set()
     frontier = [head.end]
-    seen = set()
+    m = head.fcs[-1].m
     while frontier:
         t = frontier.pop(0)
         if t in seen:
@@ -196,93 +188,19 @@ def _tail(idx: GraphIndex, head: Head):
         if t in idx.sub_reads:
             raise Fc2ConvError(f"the head output {t!r} is read inside a subgraph; the model cannot be made dense")
         for node in idx.consumers.get(t, ()):
-            if node in tail:
+            if node_key(node) in taken:
                 continue
-            reason = _tail_reason(idx, node, t)
-            if reason:
-                raise Fc2ConvError(f"{node.op_type} {node_label(node)!r} after the head {reason}, "
+            step = match_step(node, t, m, head.spatial_rank, ctx, classes=True)
+            if isinstance(step, Refusal):
+                raise Fc2ConvError(f"{node.op_type} {node_label(node)!r} after the head {step.reason}, "
                                    "so the model cannot be made dense")
-            tail.append(node)
+            taken.add(node_key(node))
+            tail.append(step)
             frontier.extend(o for o in node.output if o)
     if not outputs:
         raise Fc2ConvError(f"the head ending at {head.end!r} reaches no graph output")
-    order = {id(n): i for i, n in enumerate(idx.graph.node)}
-    tail.sort(key=lambda n: order[id(n)])
+    tail.sort(key=lambda st: idx.pos(st.node))
     return tail, outputs
-
-
-def _tail_reason(idx, node, t) -> str | None:
-    op = node.op_type
-    if node.domain not in ("", "ai.onnx"):
-        return f"is a custom op (domain {node.domain!r})"
-    if op in CLASS_AXIS_OPS:
-        axis = attr(node, "axis", None)
-        default = 1 if op in ("Softmax", "LogSoftmax", "Hardmax") and idx.opset < 13 else (-1 if op in ("Softmax", "LogSoftmax", "Hardmax") else 0)
-        axis = default if axis is None else axis
-        if axis not in (1, -1):
-            return f"acts along axis {axis}, not the class axis"
-        return None
-    if op in NOOP_RESHAPES:
-        return None  # verified to be a no-op on [N, M] when planned
-    if op in UNARY and op not in ("PRelu",):
-        return None
-    if op in BINARY or op == "PRelu":
-        others = [i for i in node.input if i and i != t]
-        if all(idx.value(i) is not None for i in others):
-            return None
-        return "combines the scores with another tensor"
-    if op in ("Cast",):
-        return None
-    return "is not a per-position op"
-
-
-def plan_tail(idx: GraphIndex, node: onnx.NodeProto, spatial: int, m: int, namer, shapes) -> tuple[list, list]:
-    """The dense form of one tail node: (nodes, initializers)."""
-    op = node.op_type
-    rank_in = len(_shape(shapes, node.input[0]) or ()) or 2
-    if op in NOOP_RESHAPES:
-        ishape, oshape = _shape(shapes, node.input[0]), _shape(shapes, node.output[0])
-        if ishape is None or oshape is None or list(ishape) != list(oshape):
-            raise Fc2ConvError(f"{op} {node_label(node)!r} after the head changes the shape "
-                               f"{list(ishape or [])} -> {list(oshape or [])}; the model cannot be made dense")
-        return [helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name)], []
-    if op in CLASS_AXIS_OPS:
-        new = onnx.NodeProto()
-        new.CopyFrom(node)
-        for a in list(new.attribute):
-            if a.name == "axis":
-                new.attribute.remove(a)
-        if op in ("Softmax", "LogSoftmax", "Hardmax") and idx.opset < 13:
-            rank = rank_in + spatial
-            to_last = [0] + list(range(2, rank)) + [1]
-            back = [0, rank - 1] + list(range(1, rank - 1))
-            t1, t2 = namer(f"{node.output[0]}_classlast"), namer(f"{node.output[0]}_sm")
-            new.input[0] = t1
-            new.output[0] = t2
-            new.attribute.append(helper.make_attribute("axis", rank - 1))
-            return [helper.make_node("Transpose", [node.input[0]], [t1], name=namer(f"{node.name}_to_last"), perm=to_last),
-                    new,
-                    helper.make_node("Transpose", [t2], [node.output[0]], name=namer(f"{node.name}_back"), perm=back)], []
-        new.attribute.append(helper.make_attribute("axis", 1))
-        return [new], []
-    new = onnx.NodeProto()
-    new.CopyFrom(node)
-    inits = []
-    if op in BINARY or op == "PRelu":
-        for i, inp in enumerate(node.input):
-            v = idx.value(inp) if inp else None
-            if v is None:
-                continue  # the scores themselves, or an absent input
-            try:
-                reshaped = kernels.per_feature(v, m, spatial)
-            except kernels.NotPerFeature:
-                raise Fc2ConvError(f"{op} {node_label(node)!r} after the head uses a constant of shape "
-                                   f"{list(v.shape)} that is not per class; the model cannot be made dense") from None
-            if reshaped is not v:
-                name = namer(f"{inp}_dense")
-                inits.append((name, reshaped))
-                new.input[i] = name
-    return [new], inits
 
 
 def plan_trunk_reshape(idx: GraphIndex, namer, node: onnx.NodeProto, s: int, middle: list):

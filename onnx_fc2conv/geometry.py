@@ -109,7 +109,7 @@ def _cone(idx: GraphIndex, sources) -> list:
         node = idx.producer.get(t)
         if node is None:
             continue
-        pos = idx.position[id(node)]
+        pos = idx.pos(node)
         if pos in keep:
             continue
         keep.add(pos)
@@ -268,15 +268,15 @@ class _Pass:
         src, rank = ins[0], self.rank(node.input[0])
         axes = attr(node, "axes", None)
         if axes is None:
-            axes = ops._axes_input(node, 1, self.idx.value)
+            axes = ops.axes_input(node, 1, self.idx.value)
         if axes is None or (node.op_type == "Squeeze" and not axes):
             self.refuse(node, "changes the rank by axes that are not known statically")
         if node.op_type == "Squeeze":
-            gone = ops._norm(axes, rank)
+            gone = ops.norm_axes(axes, rank)
             if gone & set(src):
                 self.refuse(node, "removes a spatial axis")
             return [{a - sum(1 for g in gone if g < a): v for a, v in src.items()}]
-        new = ops._norm(axes, rank + len(axes))
+        new = ops.norm_axes(axes, rank + len(axes))
         out, j = {}, 0
         for i in range(rank + len(axes)):
             if i in new:

@@ -59,11 +59,12 @@ def is_default(node: onnx.NodeProto) -> bool:
     return node.domain in DEFAULT_DOMAINS
 
 
-def _norm(axes, rank: int) -> set[int]:
+def norm_axes(axes, rank: int) -> set[int]:
+    """Axes as non-negative indices."""
     return {int(a) % rank for a in axes}
 
 
-def _axes_input(node, index: int, value) -> list[int] | None:
+def axes_input(node, index: int, value) -> list[int] | None:
     if len(node.input) > index and node.input[index]:
         v = value(node.input[index])
         return None if v is None else [int(a) for a in v.reshape(-1)]
@@ -80,18 +81,18 @@ def acted_axes(node: onnx.NodeProto, rank: int, opset: int, value) -> set[int] |
         if opset < 13:  # flattens [axis:] into one dimension
             axis = int(attr(node, "axis", 1)) % rank
             return set(range(axis, rank))
-        return _norm([attr(node, "axis", -1)], rank)
+        return norm_axes([attr(node, "axis", -1)], rank)
     if op in ("LpNormalization", "TopK"):
-        return _norm([attr(node, "axis", -1)], rank)
+        return norm_axes([attr(node, "axis", -1)], rank)
     if op in ("ArgMax", "ArgMin"):
-        return _norm([attr(node, "axis", 0)], rank)
+        return norm_axes([attr(node, "axis", 0)], rank)
     if op == "CumSum":
-        axes = _axes_input(node, 1, value)
-        return None if not axes else _norm(axes, rank)
+        axes = axes_input(node, 1, value)
+        return None if not axes else norm_axes(axes, rank)
     if op == "LayerNormalization":
         return set(range(int(attr(node, "axis", -1)) % rank, rank))
     if op == "MeanVarianceNormalization":
-        return _norm(attr(node, "axes", [0, 2, 3]), rank)
+        return norm_axes(attr(node, "axes", [0, 2, 3]), rank)
     if op == "InstanceNormalization":
         return set(range(2, rank))
     if op == "GroupNormalization":
@@ -99,18 +100,18 @@ def acted_axes(node: onnx.NodeProto, rank: int, opset: int, value) -> set[int] |
     if op == "LRN":
         return {1}
     if op in ("Concat", "Split"):
-        return _norm([attr(node, "axis", 0)], rank)
+        return norm_axes([attr(node, "axis", 0)], rank)
     if op == "MatMul":  # contracts the last axis of A with a constant B
         return {rank - 1}
     if op in REDUCES:
         axes = attr(node, "axes", None)
         if axes is None:
-            axes = _axes_input(node, 1, value)
+            axes = axes_input(node, 1, value)
             if axes is None:
                 return None
         if not axes:
             return set() if int(attr(node, "noop_with_empty_axes", 0)) else set(range(rank))
-        return _norm(axes, rank)
+        return norm_axes(axes, rank)
     return None
 
 

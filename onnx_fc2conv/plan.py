@@ -12,16 +12,17 @@ import onnx
 from onnx import helper
 
 from . import kernels
-from .find import FC, Head
-from .graph import GraphIndex
+from .find import FC, Head, item_nodes
+from .graph import GraphIndex, attr, node_key
+from .rules.steps import emit
 
 
 @dataclass(frozen=True)
 class HeadPlan:
-    anchor: onnx.NodeProto           # new nodes go where this (removed) node was
+    anchor: str                      # new nodes go where this (removed) node was (its node_key)
     nodes: tuple                     # new nodes, in order
     initializers: tuple              # (name, np.ndarray) pairs
-    removed: frozenset               # ids of the nodes the head replaces
+    removed: frozenset               # node_keys of the nodes the head replaces
     retyped: tuple = ()              # (initializer name, new dims): a weight reused as a kernel in place
 
 
@@ -46,7 +47,7 @@ class Namer:
 
 
 def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=None,
-               fold_batch: bool = False) -> list[HeadPlan]:
+               fold_batch: bool = False, idx: GraphIndex | None = None) -> list[HeadPlan]:
     """Plans for keep mode, or for dense mode when ``dense`` (a
     ``dense.DensePlan`` for the same heads) is given.
 
@@ -55,7 +56,7 @@ def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=Non
     so the head runs as one matrix product for the whole batch instead of one
     per image (onnxruntime's CPU Conv loops over the batch); the chain works
     on ``[1,M,N,1]`` and is turned back into ``[N,M]`` at the end."""
-    idx = GraphIndex(model)
+    idx = idx or GraphIndex(model)
     namer = Namer(model.graph)
     kernel_cache: dict[tuple, str] = {}
     for name, key in _reusable_weights(model, idx, heads).items():
@@ -84,7 +85,7 @@ def plan_trunk_fixes(idx: GraphIndex, namer: Namer, dense) -> list[HeadPlan]:
     out = []
     for node, s, middle in dense.trunk_reshapes:
         nodes, inits = plan_trunk_reshape(idx, namer, node, s, middle)
-        out.append(HeadPlan(node, tuple(nodes), tuple(inits), frozenset({id(node)})))
+        out.append(HeadPlan(node_key(node), tuple(nodes), tuple(inits), frozenset({node_key(node)})))
     return out
 
 
@@ -106,7 +107,7 @@ def _reusable_weights(model: onnx.ModelProto, idx: GraphIndex, heads: list[Head]
     """Weights whose kernel is only a change of dims (transB=1, alpha=1, no
     permutation) and that nothing but converted FCs reads: they become their
     kernel in place, so no byte of them is copied."""
-    fc_nodes = {id(n) for h in heads for it in h.items if isinstance(it, FC) for n in it.nodes}
+    fc_nodes = {node_key(n) for h in heads for it in h.items if isinstance(it, FC) for n in it.nodes}
     keys: dict[str, set] = {}
     for head in heads:
         for fc, key, _, perm in _kernel_keys(head):
@@ -121,7 +122,7 @@ def _reusable_weights(model: onnx.ModelProto, idx: GraphIndex, heads: list[Head]
             continue
         if name in idx.outputs or name in idx.sub_reads:
             continue
-        if all(id(n) in fc_nodes for n in idx.consumers.get(name, ())):
+        if all(node_key(n) in fc_nodes for n in idx.consumers.get(name, ())):
             out[name] = next(iter(ks))
     return out
 
@@ -142,7 +143,7 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
         attrs = {"kernel_shape": list(dh.window), "strides": [1] * len(dh.window)}
         nodes.append(helper.make_node(dh.pool_op, [dh.source], [out], name=dh.pool.name or namer("window_pool"),
                                       **attrs))
-        removed.add(id(dh.pool))
+        removed.add(node_key(dh.pool))
         x = out
     elif col.unsqueeze:
         out = namer(f"{x}_map")
@@ -154,6 +155,10 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
         else:
             nodes.append(helper.make_node("Unsqueeze", [x], [out], name=namer(f"{x}_unsqueeze"), axes=axes))
         x = out
+    for cast in col.casts:  # element-wise: the same on the map as on the flattened vector
+        out = namer(f"{cast.output[0]}_map")
+        nodes.append(helper.make_node("Cast", [x], [out], name=cast.name or namer("cast"), to=attr(cast, "to")))
+        x = out
     if fold:
         c, sizes = col.feature_shape[0], col.feature_shape[1:]
         t1, t2, shape = namer(f"{x}_cn"), namer(f"{x}_batch_folded"), namer(f"{x}_fold_shape")
@@ -164,10 +169,10 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
         x = t2
     first_conv = True
     retyped = []
-    keys = {id(fc): (key, fshape, perm) for fc, key, fshape, perm in _kernel_keys(head)}
+    keys = {fc.output: (key, fshape, perm) for fc, key, fshape, perm in _kernel_keys(head)}
     for item in head.items:
         if isinstance(item, FC):
-            key, fshape, perm = keys[id(item)]
+            key, fshape, perm = keys[item.output]
             if kernel_cache.get(key) == item.weight:
                 retyped.append((item.weight, (item.m,) + tuple(fshape)))
             elif key not in kernel_cache:
@@ -193,23 +198,12 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
                                           **attrs))
             x = out
         else:
-            if item.identity:
-                if dh is not None:
-                    nodes.append(helper.make_node("Identity", [x], [item.node.output[0]], name=item.node.name))
-                    x = item.node.output[0]
-                continue
-            node = onnx.NodeProto()
-            node.CopyFrom(item.node)
-            node.input[item.data_index] = x
-            for index, value in item.constants:
-                cname = namer(f"{node.input[index]}_conv")
-                inits.append((cname, value))
-                node.input[index] = cname
             out = item.node.output[0] if dh is not None else namer(f"{item.node.output[0]}_conv")
-            del node.output[1:]
-            node.output[0] = out
-            nodes.append(node)
-            x = out
+            new_nodes, new_inits = emit(item, x, out, namer, spatial, idx.opset, dense=dh is not None)
+            nodes.extend(new_nodes)
+            inits.extend(new_inits)
+            if new_nodes:
+                x = out
     if dh is None:
         if fold:  # [1, M, N, 1...] -> [N, M, 1, 1...]
             t = namer(f"{head.end}_unfolded")
@@ -223,18 +217,15 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
         else:
             nodes.append(helper.make_node("Flatten", [x], [head.end], name=namer(f"{head.end}_flatten"), axis=1))
     else:
-        from .dense import plan_tail
-
-        m = head.fcs[-1].m
-        for node in dh.tail:
-            new_nodes, new_inits = plan_tail(idx, node, spatial, m, namer, shapes)
+        for step in dh.tail:
+            new_nodes, new_inits = emit(step, step.node.input[step.data_index], step.node.output[0], namer, spatial,
+                                        idx.opset, dense=True, suffix="_dense")
             nodes.extend(new_nodes)
             inits.extend(new_inits)
-            removed.add(id(node))
+            removed.add(node_key(step.node))
     for item in head.items:
-        for n in (item.nodes if isinstance(item, FC) else (item.node,)):
-            removed.add(id(n))
-    anchor = head.items[0].nodes[0]
+        removed.update(node_key(n) for n in item_nodes(item))
+    anchor = node_key(head.items[0].nodes[0])
     return HeadPlan(anchor, tuple(nodes), tuple(inits), frozenset(removed), tuple(retyped))
 
 

@@ -11,7 +11,7 @@ import heapq
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import subgraph_inputs
+from .graph import node_key, subgraph_inputs
 from .plan import HeadPlan
 
 
@@ -28,14 +28,15 @@ def apply(model: onnx.ModelProto, plans: list[HeadPlan]) -> None:
         return
     graph = model.graph
     read_before = _reads(graph)
-    anchors = {id(p.anchor): p for p in plans}
+    anchors = {p.anchor: p for p in plans}
     removed = set().union(*(p.removed for p in plans))
     new_nodes: list[onnx.NodeProto] = []
     for node in graph.node:
-        plan = anchors.get(id(node))
+        key = node_key(node)
+        plan = anchors.get(key)
         if plan is not None:
             new_nodes.extend(plan.nodes)
-        if id(node) not in removed:
+        if key not in removed:
             new_nodes.append(node)
     _replace_nodes(graph, new_nodes)
     by_name = {t.name: t for t in graph.initializer}

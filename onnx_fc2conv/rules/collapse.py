@@ -1,0 +1,280 @@
+"""Collapses: how the first FC of a head sees a spatial feature map.
+
+``F [N, C, *S]`` -> optional ``Transpose(perm)`` -> any chain of Flatten /
+Reshape / Squeeze / Unsqueeze / Identity / Dropout that ends in
+``[N, C*prod(S)]``. Those ops keep row-major order, so the whole collapse is
+``flatten(transpose(F, perm))``; whether it keeps the batch axis is decided by
+evaluating the shapes it computes (a Reshape's shape may be a constant or an
+expression of ``Shape(F)``) for concrete batch sizes, not by the node list.
+A global reduction with ``keepdims=0`` (``[N, C]``) counts as a map with
+all-ones spatial dims.
+
+:func:`head_pool` is the one place that decides whether the op producing
+``F`` pools the whole map (a global pool, a reduction over every spatial
+axis, an AveragePool/MaxPool whose window covers the map) and which windowed
+pool it becomes in dense mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .. import ops
+from ..graph import FOLDABLE, attr, node_label, run_nodes
+from . import Context, Refusal
+
+RESHAPE_LIKE = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout"})
+# element-wise ops the collapse may hold: re-emitted on the map before the first Conv
+PASS_THROUGH = frozenset({"Cast"})
+# the windowed pool each whole-map pool becomes in dense mode
+WINDOWED_POOL = {"GlobalAveragePool": "AveragePool", "ReduceMean": "AveragePool", "AveragePool": "AveragePool",
+                 "GlobalMaxPool": "MaxPool", "ReduceMax": "MaxPool", "MaxPool": "MaxPool"}
+
+
+@dataclass(frozen=True)
+class Collapse:
+    source: str                  # F
+    perm: tuple                  # transpose applied before flattening
+    feature_shape: tuple         # (C, *S) in F's own axis order
+    nodes: tuple
+    pattern: str
+    layout: str
+    unsqueeze: int = 0           # F is [N, C] from a keepdims=0 reduction over this many axes
+    casts: tuple = ()            # Cast nodes in the collapse, in order: applied to the map
+
+
+class NeedsShape(Exception):
+    """F's spatial size depends on symbolic input dims (find.py turns this
+    into the user-facing NeedsInputShape)."""
+
+    def __init__(self, tensor, shape):
+        super().__init__(tensor)
+        self.tensor, self.shape = tensor, shape
+
+
+class _Unknown(Exception):
+    pass
+
+
+def fmt_shape(shape) -> list:
+    return ["?" if d is None else d for d in (shape or ())]
+
+
+def global_reduce_rank(ctx: Context, node: onnx.NodeProto, keepdims: int | None = None) -> int:
+    """The spatial rank a reduction removes when it reduces every spatial axis
+    of a ``[N, C, *S]`` map (with ``keepdims`` as given, or either); else 0."""
+    if node.op_type not in ops.REDUCES or not ops.is_default(node):
+        return 0
+    rank = ctx.rank(node.input[0])
+    if rank is None or rank < 3:
+        return 0
+    if keepdims is not None and int(attr(node, "keepdims", 1)) != keepdims:
+        return 0
+    acted = ops.acted_axes(node, rank, ctx.idx.opset, ctx.idx.value)
+    if acted != set(range(2, rank)):
+        return 0
+    return rank - 2
+
+
+def head_pool(ctx: Context, node: onnx.NodeProto | None, collapse: Collapse) -> str | None:
+    """``"global"`` or ``"covering"`` when ``node`` (the producer of the
+    collapse's source) pools the whole map, else None."""
+    if node is None or not ops.is_default(node):
+        return None
+    op = node.op_type
+    if op in ops.GLOBAL_POOLS or (op in ops.REDUCES and (collapse.unsqueeze or global_reduce_rank(ctx, node) > 0)):
+        return "global"
+    if op in ("AveragePool", "MaxPool") and all(d == 1 for d in collapse.feature_shape[1:]):
+        return "covering"
+    return None
+
+
+def match_collapse(a: str, ctx: Context) -> Collapse | Refusal:
+    idx = ctx.idx
+    walked: list[onnx.NodeProto] = []
+    t = a
+    while True:
+        p = idx.producer.get(t)
+        if p is None or p.op_type not in RESHAPE_LIKE | PASS_THROUGH or not ops.is_default(p):
+            break
+        if p.op_type == "Dropout" and len(p.output) > 1 and p.output[1] and idx.uses(p.output[1]):
+            break
+        walked.append(p)
+        t = p.input[0]
+    src = t
+    producer = idx.producer.get(src)
+    perm = None
+    transpose = None
+    if producer is not None and producer.op_type == "Transpose" and walked:
+        p = tuple(attr(producer, "perm", ()) or ())
+        rank = ctx.rank(producer.input[0]) or 0
+        if not p and rank:
+            p = tuple(reversed(range(rank)))
+        if len(p) >= 3 and p[0] == 0:
+            perm, transpose = p, producer
+            src = producer.input[0]
+            producer = idx.producer.get(src)
+    fshape = ctx.shape(src)
+    what = f"{producer.op_type} {node_label(producer)!r}" if producer is not None else f"graph input {src!r}"
+    blocker = producer
+    if fshape is None:
+        return Refusal(f"the shape of its input map {src!r} is unknown", blocker)
+    unsqueeze = 0
+    if len(fshape) == 2 and producer is not None and perm is None:
+        unsqueeze = global_reduce_rank(ctx, producer, keepdims=0)
+        if not unsqueeze:
+            return Refusal(f"its input comes from {what} of shape {fmt_shape(fshape)}, not from a flattened "
+                           "spatial feature map", blocker)
+        fshape = tuple(fshape) + (1,) * unsqueeze
+    elif len(fshape) < 3:
+        return Refusal(f"its input comes from {what} of shape {fmt_shape(fshape)}, not from a flattened spatial "
+                       "feature map", blocker)
+    if not walked and not unsqueeze:
+        return Refusal(f"its input comes from {what} of shape {fmt_shape(fshape)} without a flatten", blocker)
+    rank = len(fshape)
+    if perm is None:
+        perm = tuple(range(rank))
+    if not all(isinstance(d, int) for d in fshape[1:]):
+        raise NeedsShape(src, fshape)
+    feature_shape = tuple(int(d) for d in fshape[1:])
+    k = int(np.prod(feature_shape))
+    casts = tuple(n for n in reversed(walked) if n.op_type in PASS_THROUGH)
+    forward = [n for n in reversed(walked) if n.op_type not in PASS_THROUGH]
+    reason = _keeps_batch(ctx, fshape, transpose, forward, k, unsqueeze)
+    if reason:
+        return Refusal(reason, forward[0] if forward else None)
+    letters = "NC" + {1: "L", 2: "HW", 3: "DHW"}.get(rank - 2, "".join(f"S{i}" for i in range(rank - 2)))
+    layout = "".join(letters[i] for i in perm)
+    nodes = tuple(([transpose] if transpose is not None else []) + list(reversed(walked)))
+    names = [n.op_type for n in reversed(walked)]
+    for i, n in enumerate(reversed(walked)):
+        if n.op_type == "Reshape" and len(n.input) > 1 and idx.value(n.input[1]) is None:
+            names[i] = "Reshape(shape chain)"
+    if transpose is not None:
+        names.insert(0, "Transpose")
+    col = Collapse(src, perm, feature_shape, nodes, "", layout, unsqueeze, casts)
+    pool = idx.producer.get(src)
+    if head_pool(ctx, pool, col):
+        keep = "" if pool.op_type not in ops.REDUCES else f"(keepdims={0 if unsqueeze else 1})"
+        names.insert(0, pool.op_type + keep)
+    return Collapse(src, perm, feature_shape, nodes, "+".join(names) or "-", layout, unsqueeze, casts)
+
+
+def _keeps_batch(ctx: Context, fshape, transpose, forward, k, unsqueeze) -> str | None:
+    """None if the collapse maps F [b, ...] to [b, K] for every batch b it can see."""
+    batch_sym = fshape[0]
+    batches = [batch_sym] if isinstance(batch_sym, int) else [1, 2, 3]
+    for b in batches:
+        shape = [b] + [int(d) for d in fshape[1:]]
+        if unsqueeze:
+            shape = shape[:2]
+        if transpose is not None:
+            shape = [shape[i] for i in attr(transpose, "perm")]
+        for n in forward:
+            try:
+                shape = _apply_shape(ctx, n, shape, b, batch_sym)
+            except _Unknown as exc:
+                return str(exc)
+        if shape != [b, k]:
+            if b != 1 and not isinstance(batch_sym, int):
+                n = next((x for x in forward if x.op_type == "Reshape"), forward[-1] if forward else None)
+                return (f"{n.op_type if n else 'the collapse'} {node_label(n) if n else ''!r} gives shape {shape} "
+                        f"for batch {b}: it folds the batch axis into the features; "
+                        f"if the model only runs at batch 1, fix the batch with --input-shape")
+            return f"the collapse of the feature map gives shape {shape}, not [{b}, {k}]"
+    return None
+
+
+def _apply_shape(ctx: Context, node, shape, b, batch_sym):
+    op = node.op_type
+    rank = len(shape)
+    if op in ("Identity", "Dropout"):
+        return shape
+    if op == "Flatten":
+        ax = int(attr(node, "axis", 1))
+        ax = ax + rank if ax < 0 else ax
+        return [int(np.prod(shape[:ax])), int(np.prod(shape[ax:]))]
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = attr(node, "axes", None)
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = [int(x) for x in eval_shape_tensor(ctx, node.input[1], b, batch_sym).reshape(-1)]
+        if op == "Squeeze":
+            if not axes:
+                return [d for d in shape if d != 1]
+            gone = ops.norm_axes(axes, rank)
+            return [d for i, d in enumerate(shape) if i not in gone]
+        out_rank = rank + len(axes)
+        new = ops.norm_axes(axes, out_rank)
+        it = iter(shape)
+        return [1 if i in new else next(it) for i in range(out_rank)]
+    if op == "Reshape":
+        if len(node.input) > 1 and node.input[1]:
+            target = [int(x) for x in eval_shape_tensor(ctx, node.input[1], b, batch_sym).reshape(-1)]
+        else:  # Reshape-1 (opset < 5) holds its shape as an attribute
+            target = [int(x) for x in attr(node, "shape", [])]
+        allowzero = int(attr(node, "allowzero", 0))
+        out = [shape[i] if (d == 0 and not allowzero) else d for i, d in enumerate(target)]
+        total = int(np.prod(shape))
+        if out.count(-1) == 1:
+            rest = int(np.prod([d for d in out if d != -1]))
+            if rest == 0 or total % rest:
+                raise _Unknown(f"Reshape {node_label(node)!r} cannot reshape {shape} to {target}")
+            out[out.index(-1)] = total // rest
+        if int(np.prod(out)) != total:
+            raise _Unknown(f"Reshape {node_label(node)!r} cannot reshape {shape} to {target}")
+        return out
+    raise _Unknown(f"{op} {node_label(node)!r} in the collapse")
+
+
+def eval_shape_tensor(ctx: Context, name: str, b: int, batch_sym) -> np.ndarray:
+    """The value of a shape tensor when the batch is ``b``: a constant, or
+    an expression of constants and ``Shape`` of tensors whose only non-static
+    dim is the batch."""
+    idx = ctx.idx
+    v = idx.value(name)
+    if v is not None:
+        return v
+    feeds: dict[str, np.ndarray] = {}
+    nodes: list[onnx.NodeProto] = []
+    seen: set[str] = set()
+    stack = [name]
+    while stack:
+        t = stack.pop()
+        if t in seen or not t:
+            continue
+        seen.add(t)
+        cv = idx.value(t)
+        if cv is not None:
+            feeds[t] = cv
+            continue
+        node = idx.producer.get(t)
+        if node is None:
+            raise _Unknown(f"the reshape shape {name!r} depends on graph input {t!r}")
+        if node.op_type == "Shape":
+            shp = ctx.shape(node.input[0])
+            if shp is None:
+                raise _Unknown(f"the reshape shape {name!r} reads the unknown shape of {node.input[0]!r}")
+            dims = []
+            for i, d in enumerate(shp):
+                if isinstance(d, int):
+                    dims.append(d)
+                elif i == 0 and (d == batch_sym or not isinstance(batch_sym, int)):
+                    dims.append(b)
+                else:
+                    raise _Unknown(f"the reshape shape {name!r} depends on symbolic dim {d!r} of {node.input[0]!r}")
+            full = np.array(dims, dtype=np.int64)
+            start, end = attr(node, "start", 0), attr(node, "end", None)
+            feeds[node.output[0]] = full[start:end]
+            continue
+        if node.op_type not in FOLDABLE or not ops.is_default(node) or len(nodes) > 64:
+            raise _Unknown(f"the reshape shape {name!r} is computed by {node.op_type} {node_label(node)!r}")
+        nodes.append(node)
+        stack.extend(node.input)
+    order = sorted(nodes, key=idx.pos)
+    try:
+        return run_nodes(order, feeds, name, idx.opset)
+    except Exception as exc:  # the reference runtime's message is the reason
+        raise _Unknown(f"the reshape shape {name!r} could not be evaluated ({str(exc).splitlines()[0]})") from None
