@@ -119,16 +119,15 @@ def _cone(idx: GraphIndex, sources) -> list:
 
 class _Pass:
     def __init__(self, idx: GraphIndex, shapes, cone, wanted, *, keep_global, lenient):
-        self.idx, self.shapes, self.cone, self.wanted = idx, shapes, cone, wanted
+        from .rules import Context
+
+        self.idx, self.ctx, self.cone, self.wanted = idx, Context(idx, shapes), cone, wanted
+        self.shape = self.ctx.shape
         self.keep_global, self.lenient = keep_global, lenient
         self.out = Trace()
 
-    def shape(self, name):
-        info = self.shapes.get(name)
-        return None if info is None else info.shape
-
     def rank(self, name) -> int:
-        return len(self.shape(name) or ())
+        return self.ctx.rank(name) or 0
 
     def run(self) -> Trace:
         geo = self.out.geo
