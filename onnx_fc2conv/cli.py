@@ -1,4 +1,4 @@
-"""Command line: ``onnx-fc2conv convert|inspect|check``.
+"""Command line: ``onnx-fc2conv convert|inspect|check|heatmap``.
 
 Exit codes: 0 success, 1 a check found a mismatch, 2 bad input or usage.
 Errors are one line on stderr (a traceback only with --debug).
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     tol.add_argument("--atol", type=float, help="absolute tolerance (default by dtype, scaled by output magnitude)")
     tol.add_argument("--rtol", type=float, help="relative tolerance (default by dtype)")
     tol.add_argument("--report", metavar="FILE.json", help="write per-layer and per-output results as JSON")
-    sub = p.add_subparsers(dest="command", metavar="{convert,inspect,check}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{convert,inspect,check,heatmap}", parser_class=_Parser)
     sub.required = True
     c = sub.add_parser("convert", parents=[common, shape, tol], help="convert FC layers into convolutions",
                        description="Convert FC layers into Conv layers (keep mode: same inputs and outputs).")
@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("input", metavar="IN.onnx")
     c.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     c.add_argument("--dense", action="store_true", help="fully convolutional output (score maps)")
+    c.add_argument("--dense-stride", type=int, metavar="S", help="with --dense: a finer map of stride S (S divides "
+                                                                  "the trunk's stride; à trous rewrite)")
+    c.add_argument("--keep-global-pools", action="store_true",
+                   help="dense mode: global pools inside the trunk (squeeze-excitation blocks) stay global over the "
+                        "whole input instead of refusing; each position then sees the whole image's channel context")
     c.add_argument("--fold-batch", action="store_true",
                    help="keep mode: fold the batch into the first Conv's spatial axis so onnxruntime's CPU runs "
                         "the head as one matrix product per batch (use it when serving batches > 1 on the CPU; "
@@ -71,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     i._sub = "inspect"
     i.add_argument("input", metavar="IN.onnx")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--keep-global-pools", action="store_true",
+                   help="the dense geometry as convert --dense --keep-global-pools would give it")
     k = sub.add_parser("check", parents=[common, shape, tol], help="prove two models equal with onnxruntime",
                        description="Run ORIGINAL and CONVERTED in onnxruntime and compare every output.")
     k._sub = "check"
@@ -78,6 +85,28 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("converted", metavar="CONVERTED.onnx")
     k.add_argument("--dense", action="store_true", help="check the dense window property")
     k.add_argument("--inputs", metavar="FILE.npz", help="inputs instead of seeded random ones")
+    hm = sub.add_parser("heatmap", parents=[common, shape], help="draw a classifier's dense score map over an image",
+                        description="Make MODEL dense (unless it is already), run it once on IMAGE and draw each "
+                                    "map position's classes over the centre of its window (needs Pillow).")
+    hm._sub = "heatmap"
+    hm.add_argument("input", metavar="MODEL.onnx")
+    hm.add_argument("image", metavar="IMAGE", help="PNG or JPEG, grayscale or RGB as the model's input wants")
+    hm.add_argument("-o", "--output", required=True, metavar="OUT.png")
+    what = hm.add_mutually_exclusive_group()
+    what.add_argument("--class", dest="cls", type=int, metavar="K", help="paint the probability of class K")
+    what.add_argument("--top", type=int, metavar="N", help="paint the N best classes per position (default 1)")
+    hm.add_argument("--scale", default="1/255", metavar="S", help="multiply pixel values (0..255) by S first "
+                                                                  "(default 1/255; a fraction or a number)")
+    hm.add_argument("--mean", metavar="M", help="then subtract M (one value or one per channel, comma-separated)")
+    hm.add_argument("--std", metavar="S", help="then divide by S (one value or one per channel)")
+    hm.add_argument("--size", metavar="H,W", help="resize the image to H,W (bilinear) first")
+    hm.add_argument("--dense-stride", type=int, metavar="S", help="a finer map of stride S (S divides the "
+                                                                   "model's stride; à trous rewrite)")
+    hm.add_argument("--zoom", type=int, default=1, metavar="Z", help="draw the picture Z times larger (default 1)")
+    hm.add_argument("--labels", metavar="FILE.txt", help="class names, one per line")
+    hm.add_argument("--json", dest="json_out", metavar="FILE.json",
+                    help="write the score map, its geometry and the top classes per position")
+    hm.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime provider")
     return p
 
 
@@ -148,7 +177,10 @@ def _cmd_convert(args, out) -> int:
         raise Fc2ConvError("--fold-batch is for keep mode; dense models already see one image per batch item")
     progress = args.progress
     progress(f"loading and converting {args.input} ({_size(args.input)})")
-    result = api.convert(args.input, dense=args.dense, input_shapes=args.input_shape, fold_batch=args.fold_batch)
+    if args.keep_global_pools and not args.dense:
+        raise Fc2ConvError("--keep-global-pools is for dense mode; add --dense")
+    result = api.convert(args.input, dense=args.dense, input_shapes=args.input_shape, fold_batch=args.fold_batch,
+                         keep_global_pools=args.keep_global_pools, dense_stride=args.dense_stride)
     out(_summary(args.input, result.layers, result.heads))
     if result.layers:
         for line in _layer_table(result.layers):
@@ -166,8 +198,14 @@ def _cmd_convert(args, out) -> int:
             raise Fc2ConvError("--inputs is not used by the dense check, which makes its own larger inputs")
         from .windows import check_dense
 
-        report = check_dense(_proto_of(args.input), result.model, provider=args.provider, atol=args.atol,
-                             rtol=args.rtol, input_shapes=result.input_shapes)
+        if args.dense_stride:  # the plain dense map against the original, the fine one against the plain one
+            from .atrous import check_fine
+            report = check_fine(_proto_of(args.input), result.model, args.dense_stride, provider=args.provider,
+                                atol=args.atol, rtol=args.rtol, input_shapes=result.input_shapes,
+                                keep_global_pools=args.keep_global_pools)
+        else:
+            report = check_dense(_proto_of(args.input), result.model, provider=args.provider, atol=args.atol,
+                                 rtol=args.rtol, input_shapes=result.input_shapes)
     elif args.check:
         report = verify.check_models(args.input, result.model, provider=args.provider, inputs=args.inputs,
                                      atol=args.atol, rtol=args.rtol, input_shapes=result.input_shapes,
@@ -214,7 +252,7 @@ def _proto_of(path):
 
 
 def _cmd_inspect(args, out) -> int:
-    result = api.inspect(args.input, input_shapes=args.input_shape)
+    result = api.inspect(args.input, input_shapes=args.input_shape, keep_global_pools=args.keep_global_pools)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
         return 0
@@ -239,6 +277,12 @@ def _cmd_check(args, out) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_heatmap(args, out) -> int:
+    from . import heatmap
+
+    return heatmap.command(args, out)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
@@ -249,7 +293,8 @@ def main(argv=None) -> int:
             print(line)
 
     args.progress = _Progress(not args.quiet and sys.stderr.isatty())
-    handler = {"convert": _cmd_convert, "inspect": _cmd_inspect, "check": _cmd_check}[args.command]
+    handler = {"convert": _cmd_convert, "inspect": _cmd_inspect, "check": _cmd_check,
+               "heatmap": _cmd_heatmap}[args.command]
     try:
         return handler(args, out)
     except Fc2ConvError as exc:
@@ -258,7 +303,7 @@ def main(argv=None) -> int:
         message = str(exc)
         source = getattr(args, "input", None) or getattr(args, "original", None)
         files = [str(v) for v in (getattr(args, k, None) for k in ("input", "output", "original", "converted",
-                                                                    "inputs", "report")) if v]
+                                                                    "inputs", "report", "image", "json_out")) if v]
         if source and not any(f in message for f in files):
             message = f"{source}: {message}"  # every error names the file it is about
         print(f"{PROG}: error: {message}", file=sys.stderr)

@@ -1,0 +1,322 @@
+"""`onnx-fc2conv heatmap`: the PNG is the image with each map position
+painted over the centre of its window, the JSON agrees with the dense model
+run here independently, and bad images exit 2 with one line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from onnx_fc2conv import cli, convert
+from onnx_fc2conv.heatmap import LEGEND_MIN_WIDTH, class_colour, colour_scale
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits.onnx"
+VGG = ROOT / "models" / "vgg_small.onnx"
+KERAS_NHWC = ROOT / "tests" / "fixtures" / "keras_flatten_dense_tf2onnx.onnx"
+
+
+def heldout():
+    with np.load(ROOT / "models" / "digits_heldout.npz") as z:
+        return z["images"], z["labels"]
+
+
+def canvas(places, size=(24, 48), first=0):
+    """Held-out digits (stored 0..16) pasted at ``places`` (top-left corners)
+    on black, as 8-bit pixels v*15 (0..240): --scale 1/240 gives the model
+    exactly v/16, the values it was trained on."""
+    images, labels = heldout()
+    c = np.zeros(size, np.uint8)
+    for k, (y, x) in enumerate(places):
+        c[y:y + 8, x:x + 8] = images[first + k] * 15
+    return c, labels[first:first + len(places)]
+
+
+def run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def softmax(s):
+    e = np.exp(s - s.max(axis=0, keepdims=True))
+    return e / e.sum(axis=0, keepdims=True)
+
+
+def dense_scores(model, x):
+    """The score map computed here: convert to dense, run in onnxruntime."""
+    dense = convert(model, dense=True)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(dense.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    name = dense.model.graph.input[0].name
+    return sess.run(None, {name: x})[0][0], dense.geometry[0]
+
+
+PLACES = [(2, 2), (4, 14), (12, 30), (14, 4), (8, 38)]
+
+
+@pytest.fixture
+def digits_canvas(tmp_path):
+    pixels, labels = canvas(PLACES)
+    path = tmp_path / "canvas.png"
+    Image.fromarray(pixels).save(path)
+    return path, pixels, labels
+
+
+def test_top1_png_and_json_agree_with_the_dense_model(digits_canvas, tmp_path, capsys):
+    path, pixels, labels = digits_canvas
+    out, js, zoom = tmp_path / "map.png", tmp_path / "map.json", 8
+    code, stdout, err = run(["heatmap", DIGITS, path, "-o", out, "--scale", "1/240", "--zoom", zoom, "--json", js],
+                            capsys)
+    assert code == 0, err
+    assert err == ""    # no progress when stderr is not a terminal
+    assert "map 9x21 of 10 classes (stride 2, window 8 px)" in stdout
+    x = (pixels.astype(np.float32) / 16 / 15)[None, None]
+    scores, geometry = dense_scores(DIGITS, x)
+    assert scores.shape == (10, 9, 21)
+    report = json.loads(js.read_text())
+    np.testing.assert_allclose(np.array(report["scores"]), scores, rtol=1e-6, atol=1e-6)
+    assert report["geometry"]["axes"] == geometry["axes"]
+    assert report["map_size"] == [9, 21] and report["image_size"] == [24, 48] and report["layout"] == "NCHW"
+    probs = softmax(scores.astype(np.float64))
+    top1 = np.array([[cell[0]["class"] for cell in row] for row in report["top"]])
+    np.testing.assert_array_equal(top1, probs.argmax(0))
+    # each pasted digit's window is position (y/2, x/2): its label there
+    for (y, x), label in zip(PLACES, labels):
+        assert top1[y // 2, x // 2] == label
+
+    png = np.asarray(Image.open(out).convert("RGB"))
+    h, w = pixels.shape
+    assert png.shape == (png.shape[0], max(w * zoom, LEGEND_MIN_WIDTH), 3) and png.shape[0] > h * zoom
+    image = np.repeat(np.repeat(np.repeat(pixels[..., None], 3, 2), zoom, 0), zoom, 1)
+    area = png[:h * zoom, :w * zoom].astype(int)
+    # the margin no window is centred on, (rf - stride)/2 = 3 px, shows the image as it is
+    margin = np.ones((h * zoom, w * zoom), bool)
+    margin[3 * zoom:(3 + 2 * 9) * zoom, 3 * zoom:(3 + 2 * 21) * zoom] = False
+    np.testing.assert_array_equal(area[margin], image[margin])
+    # position (i, j) paints its 2x2 centre cell, from pixel (3 + 2i, 3 + 2j), in its class colour,
+    # opacity 0.85 * probability (checked at the cell's corner, away from the drawn digit)
+    for i in range(9):
+        for j in range(21):
+            k = probs[:, i, j].argmax()
+            a = 0.85 * probs[k, i, j]
+            yy, xx = (3 + 2 * i) * zoom + 1, (3 + 2 * j) * zoom + 1
+            want = np.rint(image[yy, xx] * (1 - a) + np.array(class_colour(k)) * a)
+            np.testing.assert_allclose(area[yy, xx], want, atol=1)
+
+
+def test_class_map_paints_the_probability_of_one_class(digits_canvas, tmp_path, capsys):
+    path, pixels, labels = digits_canvas
+    out, js = tmp_path / "c.png", tmp_path / "c.json"
+    k = int(labels[1])
+    code, _, err = run(["heatmap", DIGITS, path, "-o", out, "--scale", "1/240", "--class", k, "--zoom", 4,
+                        "--json", js], capsys)
+    assert code == 0, err
+    scores, _ = dense_scores(DIGITS, (pixels.astype(np.float32) / 240)[None, None])
+    p = softmax(scores.astype(np.float64))[k]
+    png = np.asarray(Image.open(out).convert("RGB")).astype(float)
+    for i in range(9):
+        for j in range(21):
+            yy, xx = (3 + 2 * i) * 4 + 1, (3 + 2 * j) * 4 + 1
+            want = pixels[(3 + 2 * i), (3 + 2 * j)] * 0.4 + colour_scale(p[i, j]) * 0.6
+            np.testing.assert_allclose(png[yy, xx], want, atol=1)
+    y, x = PLACES[1]
+    assert p[y // 2, x // 2] == p.max() and p.max() > 0.9
+    assert json.loads(js.read_text())["class"] == k
+
+
+def test_top_n_bands_and_dense_input_model(digits_canvas, tmp_path, capsys):
+    """A model that is dense already is used as it is, with the same map."""
+    path, pixels, _ = digits_canvas
+    dense_path = tmp_path / "dense.onnx"
+    onnx.save(convert(DIGITS, dense=True).model, dense_path)
+    js1, js2 = tmp_path / "a.json", tmp_path / "b.json"
+    assert run(["heatmap", DIGITS, path, "-o", tmp_path / "a.png", "--scale", "1/240", "--top", 3, "--json", js1],
+               capsys)[0] == 0
+    code, stdout, err = run(["heatmap", dense_path, path, "-o", tmp_path / "b.png", "--scale", "1/240",
+                             "--top", 3, "--json", js2], capsys)
+    assert code == 0, err
+    assert "dense already" in stdout
+    a, b = json.loads(js1.read_text()), json.loads(js2.read_text())
+    assert a["scores"] == b["scores"] and a["top"] == b["top"] and not b["converted_to_dense"]
+    assert all(len(cell) == 3 for row in a["top"] for cell in row)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+
+
+def test_rgb_padded_model_with_mean_std_and_resize(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    path, js = tmp_path / "rgb.png", tmp_path / "v.json"
+    Image.fromarray(img).save(path)
+    code, _, err = run(["heatmap", VGG, path, "-o", tmp_path / "v.png", "--mean", "0.5,0.4,0.3", "--std", "0.25",
+                        "--size", "48,64", "--json", js], capsys)
+    assert code == 0, err
+    resized = np.asarray(Image.fromarray(img).resize((64, 48), Image.Resampling.BILINEAR)).astype(np.float64)
+    x = ((resized / 255 - [0.5, 0.4, 0.3]) / 0.25).transpose(2, 0, 1)[None].astype(np.float32)
+    scores, geometry = dense_scores(VGG, x)
+    report = json.loads(js.read_text())
+    assert report["map_size"] == [3, 5] and report["probability"] == "model output"  # vgg_small ends in Softmax
+    np.testing.assert_allclose(np.array(report["scores"]), scores, rtol=1e-5, atol=1e-6)
+    assert report["geometry"]["axes"][0]["offset"] == -14
+    w, h = Image.open(tmp_path / "v.png").size
+    assert w == max(64, LEGEND_MIN_WIDTH) and h > 48       # the image (resized) and a legend strip below
+    assert report["png"]["image_box"] == [0, 0, 64, 48]
+
+
+def test_nhwc_model(tmp_path, capsys):
+    """tf2onnx's Keras model takes [N,H,W,C]: the image goes in as it is."""
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)
+    path, js = tmp_path / "rgb.png", tmp_path / "k.json"
+    Image.fromarray(img).save(path)
+    code, _, err = run(["heatmap", KERAS_NHWC, path, "-o", tmp_path / "k.png", "--json", js], capsys)
+    assert code == 0, err
+    scores, _ = dense_scores(KERAS_NHWC, (img.astype(np.float64) / 255)[None].astype(np.float32))
+    report = json.loads(js.read_text())
+    assert report["layout"] == "NHWC"
+    np.testing.assert_allclose(np.array(report["scores"]), scores, rtol=1e-5, atol=1e-6)
+
+
+def cli_subprocess(*args, code=None):
+    cmd = [sys.executable, "-c", code or "from onnx_fc2conv.cli import main; raise SystemExit(main())",
+           *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def assert_refused(r, *needles):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case", ["missing", "not an image", "truncated", "colour for a gray model",
+                                  "gray for an RGB model", "directory"])
+def test_bad_images_exit_2_with_one_line(case, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    model, image = DIGITS, tmp_path / "img.png"
+    rng = np.random.default_rng(0)
+    if case == "missing":
+        needles = ("img.png: no such file",)
+    elif case == "not an image":
+        image.write_bytes(b"these are not pixels\n")
+        needles = ("img.png: not an image",)
+    elif case == "truncated":
+        Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(image)
+        image.write_bytes(image.read_bytes()[:200])
+        needles = ("img.png: cannot read the image",)
+    elif case == "colour for a gray model":
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(image)
+        needles = ("img.png: a colour (RGB) image, but the model's input has 1 channel",)
+    elif case == "gray for an RGB model":
+        model = VGG
+        Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(image)
+        needles = ("img.png: a grayscale image (1 channel), but the model's input has 3 channels",)
+    else:
+        image = tmp_path
+        needles = ("is a directory",)
+    code, stdout, err = run(["heatmap", model, image, "-o", out, "--json", tmp_path / "o.json"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert not out.exists() and not (tmp_path / "o.json").exists()
+
+
+def test_gray_pixels_stored_as_rgb_are_gray(digits_canvas, tmp_path, capsys):
+    path, pixels, _ = digits_canvas
+    rgb = tmp_path / "rgb.png"
+    Image.fromarray(pixels).convert("RGB").save(rgb)
+    assert run(["heatmap", DIGITS, path, "-o", tmp_path / "a.png", "--scale", "1/240", "--json", tmp_path / "a.json"],
+               capsys)[0] == 0
+    assert run(["heatmap", DIGITS, rgb, "-o", tmp_path / "b.png", "--scale", "1/240", "--json", tmp_path / "b.json"],
+               capsys)[0] == 0
+    assert json.loads((tmp_path / "a.json").read_text())["scores"] == \
+        json.loads((tmp_path / "b.json").read_text())["scores"]
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    r = cli_subprocess("heatmap", DIGITS, tmp_path / "nope.png", "-o", tmp_path / "o.png")
+    assert_refused(r, "nope.png: no such file")
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("case", ["smaller than the window", "output is the image", "1-D model", "bad --scale",
+                                  "wrong --mean count", "--top too large"])
+def test_usage_errors_exit_2_with_one_line(case, digits_canvas, tmp_path, capsys):
+    path, _, _ = digits_canvas
+    out = tmp_path / "o.png"
+    model, image, extra = DIGITS, path, []
+    if case == "smaller than the window":
+        image = tmp_path / "small.png"
+        Image.fromarray(np.zeros((6, 6), np.uint8)).save(image)
+        needles = ("small.png", "8x8 window")
+    elif case == "output is the image":
+        out = path
+        needles = ("would overwrite the input",)
+    elif case == "1-D model":
+        model = ROOT / "models" / "conv1d_net.onnx"
+        needles = ("heatmap draws 2-D images; the model's score map has 1 spatial axis",)
+    elif case == "bad --scale":
+        extra, needles = ["--scale", "1/0"], ("--scale '1/0': write a number or a fraction such as 1/255",)
+    elif case == "wrong --mean count":
+        extra, needles = ["--mean", "0.1,0.2"], ("--mean '0.1,0.2': 2 values for a model with 1 channel(s)",)
+    else:
+        extra, needles = ["--top", "11"], ("--top 11: the model has only 10 classes",)
+    before = path.read_bytes()
+    code, _, err = run(["heatmap", model, image, "-o", out] + extra, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert path.read_bytes() == before
+    assert out == path or not out.exists()
+
+
+def test_missing_pillow_names_the_install(digits_canvas, tmp_path):
+    path, _, _ = digits_canvas
+    code = ("import sys; sys.modules['PIL'] = None\n"
+            "from onnx_fc2conv.cli import main; raise SystemExit(main())")
+    r = cli_subprocess("heatmap", DIGITS, path, "-o", tmp_path / "o.png", code=code)
+    assert_refused(r, "pip install pillow")
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_dense_stride_1_map_is_the_classifier_on_every_crop(tmp_path, capsys):
+    """With --dense-stride 1 every pixel offset has a position: on the digits
+    model (no padding) position (i, j) is the original classifier on the 8x8
+    crop at (i, j), digits pasted at odd places included; a dense model given
+    as it is gets the same map."""
+    places = [(1, 1), (3, 13), (11, 29), (15, 5), (7, 39)]
+    pixels, labels = canvas(places)
+    path = tmp_path / "odd.png"
+    Image.fromarray(pixels).save(path)
+    js = tmp_path / "fine.json"
+    code, stdout, err = run(["heatmap", DIGITS, path, "-o", tmp_path / "fine.png", "--scale", "1/240",
+                             "--dense-stride", "1", "--zoom", 4, "--json", js], capsys)
+    assert code == 0, err
+    assert "map 17x41 of 10 classes (stride 1, window 8 px)" in stdout
+    report = json.loads(js.read_text())
+    scores = np.array(report["scores"])
+    x = pixels.astype(np.float32) / 240
+    crops = np.stack([x[i:i + 8, j:j + 8] for i in range(17) for j in range(41)])[:, None]
+    sess = ort.InferenceSession(str(DIGITS), providers=["CPUExecutionProvider"])
+    expected = sess.run(None, {"image": crops})[0].reshape(17, 41, 10).transpose(2, 0, 1)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+    for (y, x0), label in zip(places, labels):
+        assert scores[:, y, x0].argmax() == label
+    assert report["geometry"]["axes"][0]["stride"] == 1 and report["geometry"]["axes"][0]["plain_stride"] == 2
+    dense_path = tmp_path / "dense.onnx"
+    onnx.save(convert(DIGITS, dense=True).model, dense_path)
+    js2 = tmp_path / "fine2.json"
+    assert run(["heatmap", dense_path, path, "-o", tmp_path / "fine2.png", "--scale", "1/240", "--dense-stride", "1",
+                "--json", js2], capsys)[0] == 0
+    np.testing.assert_allclose(np.array(json.loads(js2.read_text())["scores"]), scores, rtol=1e-6, atol=1e-6)
