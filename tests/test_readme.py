@@ -65,3 +65,30 @@ def test_sample_models_are_listed():
     assert len(files) >= 2 and "lenet.onnx" in files and "vgg_small.onnx" in files
     for name in files:
         assert name in listed
+
+
+def _readme_commands(prefix: str) -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return [line.strip() for block in re.findall(r"```\n(.*?)```", text, re.S)
+            for line in block.splitlines() if line.strip().startswith(prefix)]
+
+
+def test_demo_command_is_the_one_the_demo_tool_runs():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import demo_heatmap
+    finally:
+        sys.path.pop(0)
+    assert demo_heatmap.COMMAND in _readme_commands("onnx-fc2conv heatmap")
+
+
+@pytest.mark.parametrize("flag", ["--keep-global-pools", "--dense-stride"])
+def test_dense_mode_commands_run_as_written(flag, tmp_path):
+    """The README's examples of --keep-global-pools and --dense-stride."""
+    line = next(c for c in _readme_commands("onnx-fc2conv convert") if flag in c and "IN.onnx" not in c)
+    args = shlex.split(line)
+    args[args.index("-o") + 1] = str(tmp_path / "out.onnx")
+    r = subprocess.run([sys.executable, "-m", "onnx_fc2conv"] + args[1:], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "PASSED" in r.stdout and "FAILED" not in r.stdout and (tmp_path / "out.onnx").exists()
