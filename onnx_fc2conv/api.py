@@ -205,18 +205,46 @@ def check(original, converted, provider: str = "cpu", dense: bool = False, input
     conv = load_mod.load(converted, check=False)
     if overrides:
         shapes_mod.validate_overrides(orig.model, overrides)
-    if dense:
-        from .windows import check_dense
+    return _dispatch(orig.path or orig.model, lambda: orig.model, conv.path or conv.model, conv.model,
+                     dense=dense, provider=provider, inputs=inputs, atol=atol, rtol=rtol, input_shapes=overrides,
+                     runs=runs, seed=seed)
 
+
+def check_result(result: ConversionResult, provider: str = "cpu", inputs=None, atol=None, rtol=None,
+                 dense_stride: int | None = None, keep_global_pools: bool = False) -> verify.CheckReport:
+    """Check what :func:`convert` returned against the model it read (the CLI's
+    ``convert --check``): keep mode reads only the original's inputs and
+    outputs from the result, so a large original is not loaded twice."""
+    original = result.source if result.source is not None else result.original_io
+    return _dispatch(original, lambda: load_mod.load(result.source, check=False).model, result.model, result.model,
+                     dense=result.dense and result.changed, provider=provider, inputs=inputs, atol=atol, rtol=rtol,
+                     input_shapes=result.input_shapes, original_io=result.original_io, dense_stride=dense_stride,
+                     keep_global_pools=keep_global_pools)
+
+
+def _dispatch(original, original_proto, converted, converted_proto, *, dense, provider, inputs, atol, rtol,
+              input_shapes, runs: int = 3, seed: int = 0, original_io=None, dense_stride=None,
+              keep_global_pools=False) -> verify.CheckReport:
+    """The one place that picks the check: keep-mode equality, the dense
+    window check, or the fine-map check (``original_proto`` is called only
+    where the whole original is needed)."""
+    if dense:
         if inputs is not None:
             raise Fc2ConvError("--inputs is not used by the dense check, which makes its own larger inputs; "
                                "leave it out")
-        return check_dense(orig.model, conv.path or conv.model, provider=provider, atol=atol, rtol=rtol,
-                           input_shapes=overrides, seed=seed)
-    return verify.check_models(orig.path or orig.model, conv.path or conv.model,
-                               provider=provider, inputs=inputs, atol=atol, rtol=rtol,
-                               input_shapes=overrides, runs=runs, seed=seed,
-                               original_proto=orig.model, converted_proto=conv.model)
+        if dense_stride:  # the plain dense map against the original, the fine one against the plain one
+            from .atrous import check_fine
+
+            return check_fine(original_proto(), converted, dense_stride, provider=provider, atol=atol, rtol=rtol,
+                              input_shapes=input_shapes, keep_global_pools=keep_global_pools)
+        from .windows import check_dense
+
+        return check_dense(original_proto(), converted, provider=provider, atol=atol, rtol=rtol,
+                           input_shapes=input_shapes, seed=seed)
+    return verify.check_models(original, converted, provider=provider, inputs=inputs, atol=atol, rtol=rtol,
+                               input_shapes=input_shapes, runs=runs, seed=seed,
+                               original_proto=original_io if original_io is not None else original_proto(),
+                               converted_proto=converted_proto)
 
 
 def convert_graph(graph, dense: bool = False, input_shapes=None):

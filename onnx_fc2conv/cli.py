@@ -13,9 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__, api, verify
+from . import __version__, api
 from .errors import Fc2ConvError
-from .save import save
+from .save import atomic_write, save
 
 PROG = "onnx-fc2conv"
 
@@ -131,13 +131,11 @@ def _summary(name, layers, heads=None) -> str:
 
 
 def _write_json(path, payload) -> None:
-    from .save import _atomic_write
-
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise Fc2ConvError(f"{path}: the report folder does not exist")
-    _atomic_write(folder, target, [json.dumps(payload, indent=2, default=str).encode() + b"\n"])
+    atomic_write(target, [json.dumps(payload, indent=2, default=str).encode() + b"\n"])
 
 
 def _same_file(a, b) -> bool:
@@ -193,23 +191,10 @@ def _cmd_convert(args, out) -> int:
         out(line)
     if args.check:
         progress(f"checking on {args.provider} ({'dense windows' if args.dense else 'keep mode'})")
-    if args.check and args.dense and result.changed:
-        if args.inputs:
-            raise Fc2ConvError("--inputs is not used by the dense check, which makes its own larger inputs")
-        from .windows import check_dense
-
-        if args.dense_stride:  # the plain dense map against the original, the fine one against the plain one
-            from .atrous import check_fine
-            report = check_fine(_proto_of(args.input), result.model, args.dense_stride, provider=args.provider,
-                                atol=args.atol, rtol=args.rtol, input_shapes=result.input_shapes,
-                                keep_global_pools=args.keep_global_pools)
-        else:
-            report = check_dense(_proto_of(args.input), result.model, provider=args.provider, atol=args.atol,
-                                 rtol=args.rtol, input_shapes=result.input_shapes)
-    elif args.check:
-        report = verify.check_models(args.input, result.model, provider=args.provider, inputs=args.inputs,
-                                     atol=args.atol, rtol=args.rtol, input_shapes=result.input_shapes,
-                                     original_proto=result.original_io)
+    if args.check:
+        report = api.check_result(result, provider=args.provider, inputs=args.inputs, atol=args.atol,
+                                  rtol=args.rtol, dense_stride=args.dense_stride,
+                                  keep_global_pools=args.keep_global_pools)
     if args.check:
         for line in report.lines():
             out(line)
@@ -244,11 +229,6 @@ def _geometry_lines(geometry, prefix: str = "dense") -> list[str]:
         lines.append("  position p along an axis covers input pixels [offset + p*stride, offset + p*stride + "
                      "receptive field - 1]")
     return lines
-
-
-def _proto_of(path):
-    from .load import load
-    return load(path, check=False).model
 
 
 def _cmd_inspect(args, out) -> int:

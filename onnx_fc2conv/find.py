@@ -12,14 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 
 from .errors import Fc2ConvError
 from .graph import GraphIndex, node_key, node_label
 from .rules import Context, Refusal
-from .rules.collapse import Collapse, NeedsShape, fmt_shape, global_reduce_rank, match_collapse  # noqa: F401
+from .rules.collapse import Collapse, NeedsShape, fmt_shape, match_collapse
 from .rules.fc import FC, match_fc
-from .rules.steps import Step, describe, match_step
+from .rules.steps import describe, match_step
 from .shapes import TensorInfo
 
 

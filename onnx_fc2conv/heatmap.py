@@ -556,7 +556,7 @@ def command(args, out) -> int:
     once everything has worked; nothing is written on an error."""
     import json
 
-    from .save import _atomic_write
+    from .save import atomic_write
 
     sources = [args.input, args.image]
     png = _destination(args.output, "picture", sources)
@@ -572,9 +572,9 @@ def command(args, out) -> int:
     payload = None
     if js is not None:
         payload = json.dumps(result.to_dict(str(png), args.zoom)).encode() + b"\n"
-    _atomic_write(png.parent if str(png.parent) else Path("."), png, [data])
+    atomic_write(png, [data])
     if js is not None:
-        _atomic_write(js.parent if str(js.parent) else Path("."), js, [payload])
+        atomic_write(js, [payload])
     h, w = result.pixels.shape[:2]
     ax = result.axes
     out(f"{args.image}: {h}x{w} pixels (HxW), map {result.scores.shape[1]}x{result.scores.shape[2]} of "

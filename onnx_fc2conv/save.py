@@ -130,12 +130,6 @@ def _write_and_rename(folder: Path, path: Path, chunks) -> None:
     _rename(tmp, path)
 
 
-def _atomic_write(folder: Path, path: Path, chunks) -> None:
-    """The former name and signature of ``atomic_write`` (still used by
-    cli.py and heatmap.py); ``folder`` is ``path``'s folder."""
-    _write_and_rename(folder, Path(path), chunks)
-
-
 def _write_temp(folder: Path, name: str, chunks) -> str:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     try:

@@ -67,7 +67,7 @@ def test_one_caller_of_the_private_tensor_walk():
 
 def test_old_names_still_importable():
     from onnx_fc2conv.load import declared_bytes, external_bytes, has_external, is_external, materialized
-    from onnx_fc2conv.save import _atomic_write, atomic_write, estimated_size  # noqa: F401
+    from onnx_fc2conv.save import atomic_write, estimated_size  # noqa: F401
 
     assert (is_external, external_bytes, has_external, materialized, declared_bytes) == (
         extdata.is_external, extdata.external_bytes, extdata.has_external, extdata.materialized,
@@ -183,13 +183,6 @@ def test_atomic_write_failure_keeps_the_previous_file(tmp_path):
         atomic_write(target, [b"half", broken])
     assert target.read_bytes() == b"previous"
     assert _leftovers(tmp_path) == []
-
-
-def test_old_atomic_write_signature(tmp_path):
-    from onnx_fc2conv.save import _atomic_write
-
-    _atomic_write(tmp_path, tmp_path / "r.json", [b"{}\n"])
-    assert (tmp_path / "r.json").read_bytes() == b"{}\n"
 
 
 # -- the constant-folding budget ------------------------------------------

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
 
-from helpers import parse, run
+from helpers import parse
 from onnx_fc2conv import check, convert, save
 from onnx_fc2conv.shapes import strict_problem
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from ..graph import GraphIndex, node_key  # noqa: F401 (node_key: for the rules)
+from ..graph import GraphIndex
 
 
 @dataclass(frozen=True)
