@@ -33,7 +33,7 @@ from .find import Head, Layer
 from .rules import Context, Refusal
 from .rules.collapse import WINDOWED_POOL, head_pool
 from .rules.steps import match_step
-from .geometry import trace
+from .geometry import pooled_segment, trace
 from .graph import GraphIndex, attr, node_key, node_label
 from .shapes import TensorInfo
 
@@ -50,6 +50,9 @@ class DenseHead:
     tail: tuple                      # Steps from the head's end to the outputs (per position)
     outputs: tuple                   # graph outputs this head writes
     geometry: tuple                  # one Axis per spatial axis of the score map
+    # pools before per-position ops that the collapse reads (pool -> 1x1
+    # conv_head -> act; avg+max pools): (node, windowed pool op) each
+    segment_pools: tuple = ()
 
     def geometry_dict(self) -> dict:
         axes = []
@@ -90,8 +93,7 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
     ctx = ctx or Context(GraphIndex(model), shapes)
     idx = ctx.idx
     pools = [_head_pool(ctx, head) for head in heads]
-    found = trace(idx, shapes, [source for _, _, source in pools], keep_global=keep_global_pools or lenient,
-                  lenient=lenient)
+    found = trace(idx, shapes, [p[2] for p in pools], keep_global=keep_global_pools or lenient, lenient=lenient)
     # an FC the trunk applies per position (a Linear over a channels-last map)
     # is fine as it is; any other FC must have become a convolution
     per_position = {node_label(n) for n in idx.graph.node if n.output and n.output[0] in found.geo}
@@ -100,7 +102,7 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
             raise Fc2ConvError(f"FC {layer.name!r} is not converted ({layer.reason}); dense mode needs every FC "
                                "to become a convolution")
     out = DensePlan([], kept_global=found.kept_global, refusals=found.refusals)
-    for head, (pool, pool_op, source) in zip(heads, pools):
+    for head, (pool, pool_op, source, segment) in zip(heads, pools):
         window = tuple(int(d) for d in ctx.shape(source)[2:])
         geo = found.geo.get(source, {})
         axes = []
@@ -110,7 +112,7 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
                                    "the model cannot be made dense")
             axes.append(geo[axis])
         tail, outputs = _tail(ctx, head)
-        dh = DenseHead(head, source, window, pool, pool_op, tuple(tail), tuple(outputs), tuple(axes))
+        dh = DenseHead(head, source, window, pool, pool_op, tuple(tail), tuple(outputs), tuple(axes), segment)
         out.heads.append(dh)
         for a in dh.geometry:
             out.image_inputs.setdefault(a.input, set()).add(a.input_axis)
@@ -136,11 +138,19 @@ def _head_pool(ctx: Context, head: Head):
     producer = ctx.idx.producer.get(f)
     kind = head_pool(ctx, producer, col)
     if kind is None:
-        return None, None, f
+        found = pooled_segment(ctx.idx, ctx.shapes, f) if all(d == 1 for d in col.feature_shape[1:]) else None
+        if found is None:
+            return None, None, f, ()
+        pools, _ = found
+        source = pools[0].input[0]
+        tshape = ctx.shape(source)
+        if tshape is None or not all(isinstance(d, int) for d in tshape[2:]):
+            raise Fc2ConvError(f"the map {source!r} that the head pools has an unknown size; give --input-shape")
+        return None, None, source, tuple((p, WINDOWED_POOL[p.op_type]) for p in pools)
     label = f"{producer.op_type} {node_label(producer)!r}"
     pool_op = WINDOWED_POOL.get(producer.op_type)
     if pool_op is None:
-        raise Fc2ConvError(f"{label} before FC {head.items[0].name!r} has no windowed pool equivalent; "
+        raise Fc2ConvError(f"{label} before FC {head.fcs[0].name!r} has no windowed pool equivalent; "
                            "the model cannot be made dense")
     source = producer.input[0]
     tshape = ctx.shape(source)
@@ -149,7 +159,7 @@ def _head_pool(ctx: Context, head: Head):
     if kind == "covering" and not _covers(producer, list(tshape[2:])):
         raise Fc2ConvError(f"{label} does not cover its whole map (every position counted once); "
                            "the model cannot be made dense")
-    return producer, pool_op, source
+    return producer, pool_op, source, ()
 
 
 def _covers(pool: onnx.NodeProto, size: list) -> bool:

@@ -18,7 +18,7 @@ from .graph import GraphIndex, node_key, node_label
 from .rules import Context, Refusal
 from .rules.collapse import Collapse, NeedsShape, fmt_shape, match_collapse
 from .rules.fc import FC, match_fc
-from .rules.steps import describe, match_step
+from .rules.steps import AFTER_HEAD, describe, match_step
 from .shapes import TensorInfo
 
 
@@ -146,9 +146,11 @@ def _chain(ctx: Context, fc: FC, spatial: int, head_no: int, layers: list, stops
             continue
         if nfc is not None:
             break
-        step = match_step(nxt, t, m, spatial, ctx)
+        step = match_step(nxt, t, m, spatial, ctx, classes=True)
         if isinstance(step, Refusal):
             stops[t] = (fc.name, step)
+            break
+        if step.class_axis and nxt.op_type in AFTER_HEAD:
             break
         items.append(step)
         t = nxt.output[0]

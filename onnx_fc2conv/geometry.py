@@ -117,6 +117,57 @@ def _cone(idx: GraphIndex, sources) -> list:
     return [idx.graph.node[p] for p in sorted(keep)]
 
 
+def pooled_segment(idx: GraphIndex, shapes, end: str, limit: int = 64):
+    """The per-position ops between whole-map pools and ``end`` (a head that
+    pools, then applies a 1x1 ``conv_head``, a norm, an activation, or joins
+    an average and a max pool, before it flattens).
+
+    Returns ``(pools, nodes)``: the pools (GlobalAveragePool/GlobalMaxPool, or
+    ReduceMean/ReduceMax over every spatial axis with keepdims) that all read
+    one map, and the nodes after them in graph order; or None when ``end`` is
+    not computed that way. Raises Fc2ConvError naming a node of such a
+    segment that does not act per position."""
+    pools, nodes, stack, seen = [], [], [end], set()
+    while stack:
+        t = stack.pop()
+        if t in seen or idx.value(t) is not None:
+            continue
+        seen.add(t)
+        node = idx.producer.get(t)
+        if node is None or len(seen) > limit:
+            return None
+        if _whole_map_pool(idx, shapes, node):
+            pools.append(node)
+            continue
+        nodes.append(node)
+        stack.extend(i for i in node.input if i)
+    if not pools or len({p.input[0] for p in pools}) != 1:
+        return None
+    nodes.sort(key=idx.pos)
+    pools.sort(key=idx.pos)
+    check = _Pass(idx, shapes, nodes, set(), keep_global=False, lenient=False)
+    rank = len(check.shape(pools[0].output[0]) or ())
+    seed = {p.output[0]: {a: Axis("", a, 1, 1, 0) for a in range(2, rank)} for p in pools}
+    found = check.run(seed)
+    axes = found.geo.get(end, {})
+    if sorted(axes) != list(range(2, rank)) or any((a.stride, a.receptive_field, a.offset) != (1, 1, 0)
+                                                   for a in axes.values()):
+        return None  # a window wider than one position after the pool: not the original's arithmetic
+    return pools, nodes
+
+
+def _whole_map_pool(idx: GraphIndex, shapes, node) -> bool:
+    if not ops.is_default(node):
+        return False
+    if node.op_type in ("GlobalAveragePool", "GlobalMaxPool"):
+        return True
+    if node.op_type in ("ReduceMean", "ReduceMax") and int(attr(node, "keepdims", 1)):
+        info = shapes.get(node.input[0])
+        rank = len(info.shape) if info is not None and info.shape is not None else 0
+        return rank >= 3 and ops.acted_axes(node, rank, idx.opset, idx.value) == set(range(2, rank))
+    return False
+
+
 class _Pass:
     def __init__(self, idx: GraphIndex, shapes, cone, wanted, *, keep_global, lenient):
         from .rules import Context
@@ -129,8 +180,9 @@ class _Pass:
     def rank(self, name) -> int:
         return self.ctx.rank(name) or 0
 
-    def run(self) -> Trace:
+    def run(self, seed: dict | None = None) -> Trace:
         geo = self.out.geo
+        geo.update(seed or {})
         for name in self.idx.inputs:
             axes = range(1, self.rank(name))
             geo[name] = {a: Axis(name, a, 1, 1, 0) for a in axes

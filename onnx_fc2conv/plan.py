@@ -13,7 +13,7 @@ from onnx import helper
 
 from . import kernels
 from .find import FC, Head, item_nodes
-from .graph import GraphIndex, attr, node_key
+from .graph import GraphIndex, node_key
 from .rules.steps import emit
 
 
@@ -155,10 +155,17 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
         else:
             nodes.append(helper.make_node("Unsqueeze", [x], [out], name=namer(f"{x}_unsqueeze"), axes=axes))
         x = out
-    for cast in col.casts:  # element-wise: the same on the map as on the flattened vector
-        out = namer(f"{cast.output[0]}_map")
-        nodes.append(helper.make_node("Cast", [x], [out], name=cast.name or namer("cast"), to=attr(cast, "to")))
-        x = out
+    for pool, pool_op in (dh.segment_pools if dh is not None else ()):
+        # the pool's output becomes a map; the per-position ops after it stay
+        nodes.append(helper.make_node(pool_op, [pool.input[0]], [pool.output[0]], name=pool.name or namer("window_pool"),
+                                      kernel_shape=list(dh.window), strides=[1] * len(dh.window)))
+        removed.add(node_key(pool))
+    for step in col.steps:  # per position: the same on the map as on the flattened vector
+        out = namer(f"{step.node.output[0]}_map")
+        new_nodes, new_inits = emit(step, x, out, namer, spatial, idx.opset, dense=dh is not None)
+        nodes.extend(new_nodes)
+        inits.extend(new_inits)
+        x = out if new_nodes else x
     if fold:
         c, sizes = col.feature_shape[0], col.feature_shape[1:]
         t1, t2, shape = namer(f"{x}_cn"), namer(f"{x}_batch_folded"), namer(f"{x}_fold_shape")
@@ -225,7 +232,7 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
             removed.add(node_key(step.node))
     for item in head.items:
         removed.update(node_key(n) for n in item_nodes(item))
-    anchor = node_key(head.items[0].nodes[0])
+    anchor = node_key(item_nodes(head.items[0])[0])
     return HeadPlan(anchor, tuple(nodes), tuple(inits), frozenset(removed), tuple(retyped))
 
 

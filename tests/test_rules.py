@@ -92,7 +92,7 @@ def test_collapses(lines, pattern, layout, perm):
     col = match_collapse(last, ctx_of(m))
     assert isinstance(col, Collapse), col
     assert (col.pattern, col.layout, col.perm) == (pattern, layout, perm)
-    assert [n.op_type for n in col.casts] == (["Cast"] if "Cast" in pattern else [])
+    assert [st.node.op_type for st in col.steps] == (["Cast"] if "Cast" in pattern else [])
 
 
 def test_collapse_refuses_a_batch_folding_reshape():

@@ -25,10 +25,9 @@ import onnx
 from .. import ops
 from ..graph import FOLDABLE, attr, node_label, run_nodes
 from . import Context, Refusal
+from .steps import AFTER_HEAD, CLASS_AXIS, describe, match_step
 
 RESHAPE_LIKE = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout"})
-# element-wise ops the collapse may hold: re-emitted on the map before the first Conv
-PASS_THROUGH = frozenset({"Cast"})
 # the windowed pool each whole-map pool becomes in dense mode
 WINDOWED_POOL = {"GlobalAveragePool": "AveragePool", "ReduceMean": "AveragePool", "AveragePool": "AveragePool",
                  "GlobalMaxPool": "MaxPool", "ReduceMax": "MaxPool", "MaxPool": "MaxPool"}
@@ -43,7 +42,7 @@ class Collapse:
     pattern: str
     layout: str
     unsqueeze: int = 0           # F is [N, C] from a keepdims=0 reduction over this many axes
-    casts: tuple = ()            # Cast nodes in the collapse, in order: applied to the map
+    steps: tuple = ()            # per-position Steps in the collapse, in order: applied to the map
 
 
 class NeedsShape(Exception):
@@ -95,15 +94,31 @@ def head_pool(ctx: Context, node: onnx.NodeProto | None, collapse: Collapse) -> 
 def match_collapse(a: str, ctx: Context) -> Collapse | Refusal:
     idx = ctx.idx
     walked: list[onnx.NodeProto] = []
+    steps: list[tuple] = []            # (node, its data input), backwards
     t = a
     while True:
         p = idx.producer.get(t)
-        if p is None or p.op_type not in RESHAPE_LIKE | PASS_THROUGH or not ops.is_default(p):
+        if p is None or not ops.is_default(p):
             break
         if p.op_type == "Dropout" and len(p.output) > 1 and p.output[1] and idx.uses(p.output[1]):
             break
-        walked.append(p)
-        t = p.input[0]
+        if p.op_type in RESHAPE_LIKE:
+            walked.append(p)
+            t = p.input[0]
+            continue
+        data = [i for i in p.input if i and idx.value(i) is None]
+        if len(data) != 1 or p.output[0] != t or idx.uses(t) != 1:
+            break
+        if p.op_type == "Transpose" and _vector(ctx.shape(t)) and walked:
+            walked.append(p)  # on a pooled vector a Transpose only moves size-1 axes: a reshape
+            t = data[0]
+            continue
+        if _per_position(p, data[0], ctx):
+            steps.append((p, data[0]))
+            walked.append(p)
+            t = data[0]
+            continue
+        break
     src = t
     producer = idx.producer.get(src)
     perm = None
@@ -132,7 +147,7 @@ def match_collapse(a: str, ctx: Context) -> Collapse | Refusal:
     elif len(fshape) < 3:
         return Refusal(f"its input comes from {what} of shape {fmt_shape(fshape)}, not from a flattened spatial "
                        "feature map", blocker)
-    if not walked and not unsqueeze:
+    if not any(n.op_type in RESHAPE_LIKE or n.op_type == "Transpose" for n in walked) and not unsqueeze:
         return Refusal(f"its input comes from {what} of shape {fmt_shape(fshape)} without a flatten", blocker)
     rank = len(fshape)
     if perm is None:
@@ -141,26 +156,56 @@ def match_collapse(a: str, ctx: Context) -> Collapse | Refusal:
         raise NeedsShape(src, fshape)
     feature_shape = tuple(int(d) for d in fshape[1:])
     k = int(np.prod(feature_shape))
-    casts = tuple(n for n in reversed(walked) if n.op_type in PASS_THROUGH)
-    forward = [n for n in reversed(walked) if n.op_type not in PASS_THROUGH]
+    forward = [n for n in reversed(walked) if n.op_type in RESHAPE_LIKE or n.op_type == "Transpose"]
     reason = _keeps_batch(ctx, fshape, transpose, forward, k, unsqueeze)
     if reason:
         return Refusal(reason, forward[0] if forward else None)
+    # Steps act on the map as on the flattened vector where they are element-wise
+    # with scalars; per-channel constants and ops along the features need a pooled (1x1) map.
+    pooled = all(d == 1 for d in feature_shape[1:])
+    made = [match_step(n, d, feature_shape[0], rank - 2, ctx, classes=True) for n, d in reversed(steps)]
+    for st in made:
+        if isinstance(st, Refusal):
+            return Refusal(f"{describe(st)} before it", st.node)
+        if not pooled and (st.constants or st.class_axis or st.node.op_type in ops.PER_CHANNEL):
+            return Refusal(f"{st.node.op_type} {node_label(st.node)!r} before it acts on the flattened features of "
+                           f"a {'x'.join(map(str, feature_shape[1:]))} map as a whole, which no convolution of the "
+                           "map does", st.node)
     letters = "NC" + {1: "L", 2: "HW", 3: "DHW"}.get(rank - 2, "".join(f"S{i}" for i in range(rank - 2)))
-    layout = "".join(letters[i] for i in perm)
+    layout = "".join(letters[i] for i in perm) if transpose is not None else letters
     nodes = tuple(([transpose] if transpose is not None else []) + list(reversed(walked)))
-    names = [n.op_type for n in reversed(walked)]
-    for i, n in enumerate(reversed(walked)):
+    names = [n.op_type for n in reversed(walked) if not (n.op_type == "Transpose" and n is not transpose)]
+    for i, n in enumerate(n for n in reversed(walked) if not (n.op_type == "Transpose" and n is not transpose)):
         if n.op_type == "Reshape" and len(n.input) > 1 and idx.value(n.input[1]) is None:
             names[i] = "Reshape(shape chain)"
     if transpose is not None:
         names.insert(0, "Transpose")
-    col = Collapse(src, perm, feature_shape, nodes, "", layout, unsqueeze, casts)
+    col = Collapse(src, perm, feature_shape, nodes, "", layout, unsqueeze, tuple(made))
     pool = idx.producer.get(src)
     if head_pool(ctx, pool, col):
         keep = "" if pool.op_type not in ops.REDUCES else f"(keepdims={0 if unsqueeze else 1})"
         names.insert(0, pool.op_type + keep)
-    return Collapse(src, perm, feature_shape, nodes, "+".join(names) or "-", layout, unsqueeze, casts)
+    return Collapse(src, perm, feature_shape, nodes, "+".join(names) or "-", layout, unsqueeze, tuple(made))
+
+
+def _vector(shape) -> bool:
+    """A batch of vectors in any layout: one axis besides the batch is > 1."""
+    return shape is not None and all(isinstance(d, int) for d in shape[1:]) and \
+        sum(1 for d in shape[1:] if d != 1) <= 1
+
+
+def _per_position(node: onnx.NodeProto, data: str, ctx: Context) -> bool:
+    """An op the collapse may carry to the map: element-wise, per channel, or
+    along the one non-trivial axis of a pooled vector (LayerNorm over C)."""
+    op = node.op_type
+    if op in ops.POINTWISE or op in ops.BROADCAST or op in ops.PER_CHANNEL:
+        return True
+    shape = ctx.shape(data)
+    if op not in CLASS_AXIS or op in AFTER_HEAD or not _vector(shape):
+        return False
+    acted = ops.acted_axes(node, len(shape), ctx.idx.opset, ctx.idx.value)
+    wide = {i for i, d in enumerate(shape) if i > 0 and d != 1}
+    return acted is not None and 0 not in acted and wide <= acted
 
 
 def _keeps_batch(ctx: Context, fshape, transpose, forward, k, unsqueeze) -> str | None:
@@ -193,6 +238,9 @@ def _apply_shape(ctx: Context, node, shape, b, batch_sym):
     rank = len(shape)
     if op in ("Identity", "Dropout"):
         return shape
+    if op == "Transpose":
+        perm = list(attr(node, "perm", []) or reversed(range(rank)))
+        return [shape[i] for i in perm]
     if op == "Flatten":
         ax = int(attr(node, "axis", 1))
         ax = ax + rank if ax < 0 else ax

@@ -12,12 +12,13 @@ Which ops qualify is read from the per-op table (ops.py):
 - reshapes that are a no-op on ``[N, M]`` (Identity; a Flatten/Reshape/
   Squeeze whose output shape equals its input's): dropped in keep mode,
   Identity in dense mode;
-- after the head, in dense mode (``classes=True``): ops acting along the
-  feature (class) axis alone (``ops.acted_axes`` gives ``{1}`` on ``[N, M]``:
-  Softmax/LogSoftmax/Hardmax of any opset with their default axis, ArgMax/
-  ArgMin over axis 1...), re-emitted with ``axis=1``; below opset 13, where
-  Softmax flattens everything after its axis, wrapped in Transposes that make
-  the class axis last.
+- ops acting along the feature (class) axis alone (``ops.acted_axes``
+  gives ``{1}`` on ``[N, M]``): LayerNormalization and LpNormalization
+  anywhere in a head (``classes=True``); Softmax/LogSoftmax/Hardmax/ArgMax/
+  ArgMin (``AFTER_HEAD``) only in the dense tail, as keep mode leaves them
+  after the head. Re-emitted with ``axis=1``; where the op acts from its axis
+  to the last (LayerNormalization; Softmax below opset 13), wrapped in
+  Transposes that make the class axis last.
 """
 
 from __future__ import annotations
@@ -33,8 +34,14 @@ from . import Context, Refusal
 
 NOOP_RESHAPES = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity"})
 SCALAR_EXTRAS = frozenset({"Clip", "Dropout"})   # extra inputs that may be non-constant scalars
-CLASS_AXIS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin", "LpNormalization"})
+CLASS_AXIS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin", "LpNormalization",
+                        "LayerNormalization"})
+# ops along the class axis that end a classifier: they stay after the head in
+# keep mode (where they see [N, M] again) and join only the dense tail
+AFTER_HEAD = frozenset({"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin"})
 FLATTENING_BELOW_13 = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
+# ops that act from their axis to the last one: the class axis must be last
+CLASS_LAST = frozenset({"LayerNormalization"})
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,7 @@ def emit(step: Step, x: str, out: str, namer, spatial: int, opset: int, *, dense
     for a in list(new.attribute):
         if a.name == "axis":
             new.attribute.remove(a)
-    if node.op_type in FLATTENING_BELOW_13 and opset < 13:
+    if node.op_type in CLASS_LAST or (node.op_type in FLATTENING_BELOW_13 and opset < 13):
         rank = 2 + spatial
         to_last = [0] + list(range(2, rank)) + [1]
         back = [0, rank - 1] + list(range(1, rank - 1))
