@@ -36,7 +36,7 @@ class ConversionResult:
 
     @property
     def changed(self) -> bool:
-        return self.heads > 0
+        return self.converted > 0
 
     def to_dict(self) -> dict:
         return {"source": self.source, "mode": "dense" if self.dense else "keep", "heads": self.heads,
@@ -151,11 +151,13 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
     strict = bool(os.environ.get("ONNX_FC2CONV_STRICT")) and shapes_mod.strict_problem(loaded.model) is None
     original_io = _io_skeleton(loaded.model)
     overrides, ctx, heads, layers = _find(loaded.model, overrides)
-    if dense and layers and not heads:
-        raise Fc2ConvError(_none_converted(layers))
+    map_fcs = find.find_map_fcs(ctx, layers)
+    if dense and not heads and any(not layer.converted for layer in layers):
+        raise Fc2ConvError(_none_converted([layer for layer in layers if not layer.converted]))
     dense_plan = dense_mod.analyse(loaded.model, ctx.shapes, heads, layers, overrides, ctx=ctx,
                                    keep_global_pools=keep_global_pools) if dense and heads else None
-    plans = plan_mod.plan_heads(loaded.model, heads, dense_plan, ctx.shapes, fold_batch=fold_batch, idx=ctx.idx)
+    plans = plan_mod.plan_heads(loaded.model, heads, dense_plan, ctx.shapes, fold_batch=fold_batch, idx=ctx.idx,
+                                map_fcs=map_fcs)
     rewrite.apply(loaded.model, plans)
     if dense_plan is not None:
         dense_mod.finish(loaded.model, dense_plan)
@@ -182,6 +184,7 @@ def inspect(model, input_shapes=None, keep_global_pools: bool = False) -> Inspec
     overrides = _overrides(input_shapes)
     loaded = load_mod.load(model)
     overrides, ctx, heads, layers = _find(loaded.model, overrides)
+    find.find_map_fcs(ctx, layers)
     geometry, reason = [], None
     if heads:
         try:
@@ -190,8 +193,8 @@ def inspect(model, input_shapes=None, keep_global_pools: bool = False) -> Inspec
             geometry = [h.geometry_dict() for h in plan.heads]
         except Fc2ConvError as exc:
             reason = str(exc)
-    elif layers:
-        reason = _none_converted(layers)
+    elif any(not layer.converted for layer in layers):
+        reason = _none_converted([layer for layer in layers if not layer.converted])
     return InspectResult(layers, str(loaded.path) if loaded.path else None, geometry, reason)
 
 

@@ -124,6 +124,25 @@ def find_heads(model_or_ctx, shapes: dict[str, TensorInfo] | None = None) -> tup
     return heads, layers
 
 
+def find_map_fcs(ctx: Context, layers: list) -> list:
+    """FCs over rank-4/5 maps (rules/mapfc.py), each a 1x1 Conv; their layer
+    records (refused by the head rules as "not on a flattened map") say so."""
+    from .rules.mapfc import match_map_fc
+
+    found = []
+    by_name = {layer.name: layer for layer in layers if not layer.converted}
+    for node in ctx.idx.graph.node:
+        fc = match_map_fc(node, ctx)
+        if fc is None or fc.name not in by_name:
+            continue
+        layer = by_name[fc.name]
+        layer.op, layer.pattern, layer.layout = fc.op, f"map (rank {fc.rank}, features last)", "channels-last"
+        layer.converted, layer.reason = True, None
+        layer.kernel, layer.in_channels, layer.out_channels = [1] * (fc.rank - 2), fc.k, fc.m
+        found.append(fc)
+    return found
+
+
 def _chain(ctx: Context, fc: FC, spatial: int, head_no: int, layers: list, stops: dict):
     """The FCs and steps after a head's first FC, for as long as each tensor
     has one consumer; records where and why it stopped."""

@@ -47,7 +47,7 @@ class Namer:
 
 
 def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=None,
-               fold_batch: bool = False, idx: GraphIndex | None = None) -> list[HeadPlan]:
+               fold_batch: bool = False, idx: GraphIndex | None = None, map_fcs=()) -> list[HeadPlan]:
     """Plans for keep mode, or for dense mode when ``dense`` (a
     ``dense.DensePlan`` for the same heads) is given.
 
@@ -75,6 +75,11 @@ def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=Non
                                 fold_batch and dense is None and idx.opset >= 5, pin))
     if dense is not None:
         plans.extend(plan_trunk_fixes(idx, namer, dense))
+    from .rules import mapfc
+
+    for fc in map_fcs:  # FCs over channels-last maps: 1x1 Convs between Transposes
+        nodes, inits = mapfc.emit(fc, idx, namer)
+        plans.append(HeadPlan(node_key(fc.nodes[0]), tuple(nodes), tuple(inits), frozenset(mapfc.keys(fc))))
     return plans
 
 
