@@ -28,13 +28,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from . import ops
 from .errors import Fc2ConvError
 from .find import Head, Layer
 from .rules import Context, Refusal
-from .rules.collapse import WINDOWED_POOL, head_pool
+from .rules.collapse import WINDOWED_POOL, covers, head_pool, pooled_map
 from .rules.steps import match_step
 from .geometry import pooled_segment, trace
-from .graph import GraphIndex, attr, node_key, node_label
+from .graph import GraphIndex, node_key, node_label
 from .shapes import TensorInfo
 
 AXIS_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
@@ -152,33 +153,14 @@ def _head_pool(ctx: Context, head: Head):
     if pool_op is None:
         raise Fc2ConvError(f"{label} before FC {head.fcs[0].name!r} has no windowed pool equivalent; "
                            "the model cannot be made dense")
-    source = producer.input[0]
+    source = (pooled_map(ctx, producer) if producer.op_type in ops.REDUCES else None) or producer.input[0]
     tshape = ctx.shape(source)
     if tshape is None or not all(isinstance(d, int) for d in tshape[2:]):
         raise Fc2ConvError(f"the map {source!r} that {label} pools has an unknown size; give --input-shape")
-    if kind == "covering" and not _covers(producer, list(tshape[2:])):
+    if kind == "covering" and not covers(producer, list(tshape[2:])):
         raise Fc2ConvError(f"{label} does not cover its whole map (every position counted once); "
                            "the model cannot be made dense")
     return producer, pool_op, source, ()
-
-
-def _covers(pool: onnx.NodeProto, size: list) -> bool:
-    """A pool with one output position over the whole map: kernel = map, or
-    (Caffe-era heads, e.g. inception_v1's k7 with pads [0,0,1,1] on a 6x6
-    map) a kernel that overhangs the end into padding that an AveragePool
-    does not count (count_include_pad=0) and a MaxPool ignores."""
-    kernel = [int(k) for k in attr(pool, "kernel_shape")]
-    n = len(kernel)
-    pads = [int(p) for p in (attr(pool, "pads", None) or [0] * (2 * n))]
-    auto = attr(pool, "auto_pad", b"NOTSET")
-    if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID") \
-            or any(int(d) != 1 for d in (attr(pool, "dilations", None) or [1] * n)):
-        return False
-    if kernel == size and not any(pads):
-        return True
-    if pool.op_type == "AveragePool" and int(attr(pool, "count_include_pad", 0)):
-        return False
-    return all(pads[i] == 0 and size[i] <= kernel[i] <= size[i] + pads[n + i] for i in range(n))
 
 
 def _tail(ctx: Context, head: Head):

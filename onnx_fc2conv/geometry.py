@@ -161,6 +161,12 @@ def _whole_map_pool(idx: GraphIndex, shapes, node) -> bool:
         return False
     if node.op_type in ("GlobalAveragePool", "GlobalMaxPool"):
         return True
+    if node.op_type in ("AveragePool", "MaxPool"):  # a window covering the map (PyTorch's adaptive pools)
+        from .rules.collapse import covers
+
+        info = shapes.get(node.input[0])
+        size = list(info.shape[2:]) if info is not None and info.shape is not None else None
+        return size is not None and all(isinstance(d, int) for d in size) and covers(node, size)
     if node.op_type in ("ReduceMean", "ReduceMax") and int(attr(node, "keepdims", 1)):
         info = shapes.get(node.input[0])
         rank = len(info.shape) if info is not None and info.shape is not None else 0

@@ -64,7 +64,10 @@ def fmt_shape(shape) -> list:
 
 def global_reduce_rank(ctx: Context, node: onnx.NodeProto, keepdims: int | None = None) -> int:
     """The spatial rank a reduction removes when it reduces every spatial axis
-    of a ``[N, C, *S]`` map (with ``keepdims`` as given, or either); else 0."""
+    of a ``[N, C, *S]`` map (with ``keepdims`` as given, or either); else 0.
+    A reduction over ``[N, *S, C]`` that a ``Transpose`` made from such a map
+    (Keras' GlobalAveragePooling2D through tf2onnx: ``ReduceMean(axes=[1,2])``)
+    counts too: see :func:`pooled_map`."""
     if node.op_type not in ops.REDUCES or not ops.is_default(node):
         return 0
     rank = ctx.rank(node.input[0])
@@ -72,10 +75,30 @@ def global_reduce_rank(ctx: Context, node: onnx.NodeProto, keepdims: int | None 
         return 0
     if keepdims is not None and int(attr(node, "keepdims", 1)) != keepdims:
         return 0
-    acted = ops.acted_axes(node, rank, ctx.idx.opset, ctx.idx.value)
-    if acted != set(range(2, rank)):
+    if pooled_map(ctx, node) is None:
         return 0
     return rank - 2
+
+
+def pooled_map(ctx: Context, node: onnx.NodeProto) -> str | None:
+    """The channels-first map ``[N, C, *S]`` that a reduction pools whole:
+    its input, or, for a reduction over the spatial axes of a channels-last
+    ``Transpose(0, 2, ..., 1)`` of a map, that Transpose's input; None when
+    it does not reduce every spatial axis."""
+    rank = ctx.rank(node.input[0]) or 0
+    acted = ops.acted_axes(node, rank, ctx.idx.opset, ctx.idx.value)
+    if acted is None or rank < 3:
+        return None
+    spatial = set(range(2, rank))
+    if acted == spatial:
+        return node.input[0]
+    producer = ctx.idx.producer.get(node.input[0])
+    if producer is not None and producer.op_type == "Transpose" and ops.is_default(producer) \
+            and int(attr(node, "keepdims", 1)) == 0:
+        perm = list(attr(producer, "perm", []) or [])
+        if len(perm) == rank and perm[0] == 0 and {perm[a] for a in acted} == spatial:
+            return producer.input[0]
+    return None
 
 
 def head_pool(ctx: Context, node: onnx.NodeProto | None, collapse: Collapse) -> str | None:
@@ -89,6 +112,25 @@ def head_pool(ctx: Context, node: onnx.NodeProto | None, collapse: Collapse) -> 
     if op in ("AveragePool", "MaxPool") and all(d == 1 for d in collapse.feature_shape[1:]):
         return "covering"
     return None
+
+
+def covers(pool: onnx.NodeProto, size: list) -> bool:
+    """A pool with one output position over the whole map: kernel = map, or
+    (Caffe-era heads, e.g. inception_v1's k7 with pads [0,0,1,1] on a 6x6
+    map) a kernel that overhangs the end into padding that an AveragePool
+    does not count (count_include_pad=0) and a MaxPool ignores."""
+    kernel = [int(k) for k in attr(pool, "kernel_shape")]
+    n = len(kernel)
+    pads = [int(p) for p in (attr(pool, "pads", None) or [0] * (2 * n))]
+    auto = attr(pool, "auto_pad", b"NOTSET")
+    if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID") \
+            or any(int(d) != 1 for d in (attr(pool, "dilations", None) or [1] * n)):
+        return False
+    if kernel == size and not any(pads):
+        return True
+    if pool.op_type == "AveragePool" and int(attr(pool, "count_include_pad", 0)):
+        return False
+    return all(pads[i] == 0 and size[i] <= kernel[i] <= size[i] + pads[n + i] for i in range(n))
 
 
 def match_collapse(a: str, ctx: Context) -> Collapse | Refusal:
