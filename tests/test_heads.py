@@ -132,3 +132,48 @@ def test_token_sequences_stay_refused():
     assert not layer.converted and "has rank 3" in layer.reason
     with pytest.raises(Fc2ConvError, match="none of the 1 FC layer converts"):
         convert(model, dense=True)
+
+
+# file: (FCs, pattern of the last FC, dense refusal or None)
+HEAD_FIXTURES = {
+    "avgmax_ts.onnx": (1, "Mul+Flatten", None),
+    "avgmax_dynamo.onnx": (1, "Mul+Reshape", None),
+    "catavgmax_ts.onnx": (1, "Flatten", None),
+    "catavgmax_dynamo.onnx": (1, "Reshape", None),
+    "conv_head_ts.onnx": (1, "HardSwish+Flatten", None),
+    "conv_head_dynamo.onnx": (1, "HardSwish+Reshape", None),
+    "convnext_head_ts.onnx": (5, "GlobalAveragePool+LayerNormalization+Flatten", None),
+    # dynamo writes the pooled map's view as a Gather over a flattened copy (as_strided)
+    "convnext_head_dynamo.onnx": (5, None, "cannot trace spatial axis 2 of 'as_strided'"),
+    "mlp_ln_1d_ts.onnx": (2, "chain", None),
+    "mlp_ln_1d_dynamo.onnx": (2, "chain", None),
+    "keras_nhwc_gap_tf2onnx.onnx": (1, "ReduceMean(keepdims=0)", None),
+    "keras_nhwc_gap_cast_tf2onnx.onnx": (1, "ReduceMean(keepdims=0)+Cast", None),
+}
+
+
+def test_every_heads_fixture_is_listed():
+    assert sorted(p.name for p in HEADS.glob("*.onnx")) == sorted(HEAD_FIXTURES)
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_FIXTURES))
+def test_fixtures_heads(name):
+    """Both PyTorch exporters and tf2onnx: every FC converts and checks in
+    keep mode; dense mode checks (window property, equivariance) or is
+    refused with the reason."""
+    path = HEADS / name
+    fcs, pattern, refusal = HEAD_FIXTURES[name]
+    keep = convert(path)
+    assert keep.converted == len(keep.layers) == fcs
+    if pattern:
+        assert keep.layers[-1].pattern == pattern, [l.pattern for l in keep.layers]
+    assert not {"Gemm", "MatMul"} & set(ops(keep.model))
+    report = check(path, keep.model)
+    assert report, "\n".join(report.lines())
+    if refusal:
+        with pytest.raises(Fc2ConvError, match=refusal):
+            convert(path, dense=True)
+        return
+    dense = convert(path, dense=True)
+    report = check(path, dense.model, dense=True)
+    assert report, "\n".join(report.lines())

@@ -297,6 +297,8 @@ def export_torch(out: Path, only: list[str] | None) -> None:
     dynamo("shufflenet_v2_x0_5_dynamo", make(tv.shufflenet_v2_x0_5, num_classes=10), x64,
            external_data=False)
 
+    export_torch_heads(out / HEADS, only)
+
 
 # ----------------------------------------------------------------- keras ---
 
@@ -370,6 +372,8 @@ def export_keras(out: Path, only: list[str] | None) -> None:
         ref = model(xb, training=False).numpy()
         _check(path, {"input": xb}, ref, 1e-4)
 
+    export_keras_heads(out / HEADS, only)
+
 
 # ---------------------------------------------------------------- paddle ---
 
@@ -435,6 +439,245 @@ def export_paddle(out: Path, only: list[str] | None) -> None:
     with paddle.no_grad():
         ref = model(paddle.to_tensor(xb)).numpy()
     _check(path, {"x": xb}, ref, 1e-4)
+
+
+# ------------------------------------------------------- heads (issue 13) ---
+#
+# Small nets with the classifier heads today's model zoos use, written into
+# tests/fixtures/heads/ (its README.md tables them).  `torch` and `keras` export
+# them after the fixtures above; `--only NAME` picks them like any other.
+# timm (dev only: `/work/venvs/torch/bin/pip install timm`, 1.0.31 used) gives
+# the real ConvNeXt / MobileNetV3 classes and timm's ClassifierHead, built with
+# tiny stage settings and random weights (nothing is downloaded).
+
+HEADS = "heads"
+
+
+def _randomize_heads(model, shape) -> None:
+    """Seeded non-trivial weights: torch's default init for every Conv/Linear
+    (timm's init leaves biases at zero and ConvNeXt's weights at std 0.02),
+    random LayerNorm/BatchNorm affine parameters, and BatchNorm running
+    statistics measured on seeded random batches (train-mode forwards), so the
+    activations neither vanish nor blow up and the output depends on the input."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(SEED)
+    g = torch.Generator().manual_seed(SEED + 3)
+    bns = []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            m.reset_parameters()
+        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)) and m.weight is not None:
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                bns.append((m, m.momentum))
+                m.reset_running_stats()
+                m.momentum = None          # cumulative average over the batches below
+    if bns:
+        model.train()
+        with torch.no_grad():
+            for _ in range(4):
+                model(torch.randn(16, *shape[1:], generator=g))
+        for m, momentum in bns:
+            m.momentum = momentum
+    model.eval()
+
+
+def _head_nets():
+    import torch
+    from torch import nn
+    from timm.layers import ClassifierHead
+
+    class PoolHeadNet(nn.Module):
+        """Conv-BN-ReLU x3 (8, 16, 32 ch, stride 8; no squeeze-excitation) at 3x32x40 -> [32,4,5],
+        then timm's ClassifierHead(pool_type=...): SelectAdaptivePool2d(flatten) -> Linear."""
+
+        def __init__(self, pool_type: str, num_classes: int = 10):
+            super().__init__()
+
+            def cbr(cin, cout):
+                return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+            self.features = nn.Sequential(*cbr(3, 8), *cbr(8, 16), *cbr(16, 32))
+            self.head = ClassifierHead(32, num_classes, pool_type=pool_type)
+
+        def forward(self, x):
+            return self.head(self.features(x))
+
+    class MlpLn1d(nn.Module):
+        """Keyword-spotting style: [N,16,64] (16 bands x 64 frames) -> Conv1d-BN-ReLU-MaxPool x2
+        -> [N,16,16] -> flatten -> Linear 256->64 -> LayerNorm(64) -> ReLU -> Linear 64->10."""
+
+        def __init__(self, num_classes: int = 10):
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Conv1d(16, 16, 3, padding=1), nn.BatchNorm1d(16), nn.ReLU(), nn.MaxPool1d(2),
+                nn.Conv1d(16, 16, 3, padding=1), nn.BatchNorm1d(16), nn.ReLU(), nn.MaxPool1d(2),
+            )
+            self.fc1 = nn.Linear(16 * 16, 64)
+            self.norm = nn.LayerNorm(64)
+            self.fc2 = nn.Linear(64, num_classes)
+
+        def forward(self, x):
+            x = torch.flatten(self.features(x), 1)
+            return self.fc2(torch.relu(self.norm(self.fc1(x))))
+
+    return PoolHeadNet, MlpLn1d
+
+
+def _timm_convnext(num_classes: int = 10):
+    """timm's ConvNeXt class (4 stages, depths 1-1-0-0, dims 8-16-24-32): patch stem Conv 4x4/4 ->
+    LayerNorm2d, one ConvNeXt block in each of the first two stages (dw Conv 7x7 -> permute to NHWC ->
+    LayerNorm -> Linear C->4C -> GELU -> Linear 4C->C -> permute back -> layer scale Mul -> residual
+    Add), downsamples LayerNorm2d -> Conv 2x2/2; trunk stride 32, [32,2,3] at 3x64x96.  Head
+    (NormMlpClassifierHead): SelectAdaptivePool2d(avg) -> LayerNorm2d on [N,32,1,1] -> Flatten -> Linear."""
+    from timm.models.convnext import ConvNeXt
+
+    return ConvNeXt(num_classes=num_classes, depths=(1, 1, 0, 0), dims=(8, 16, 24, 32), ls_init_value=0.5)
+
+
+def _timm_mobilenetv3(num_classes: int = 10):
+    """timm's MobileNetV3 class with a 4-block arch_def and no squeeze-excitation: stem Conv 3x3/2
+    (16) -> DS 3x3/2 (16) -> IR k3/2 e3 (24, ReLU) -> IR k5/2 e3 (32) -> ConvBnAct 1x1 (64); trunk
+    stride 16, [64,4,5] at 3x64x80.  MobileNetV3's 'efficient head': SelectAdaptivePool2d(avg) ->
+    conv_head 1x1 64->128 (bias) -> Hardswish -> Flatten -> Linear 128->10.  (timm's head_norm=True,
+    the MobileNetV4-conv head with a BatchNorm after conv_head, exports to the same graph: both
+    exporters fold that BatchNorm into conv_head in eval mode.)"""
+    from torch import nn
+    from timm.layers import get_act_layer
+    from timm.models._efficientnet_builder import decode_arch_def
+    from timm.models.mobilenetv3 import MobileNetV3
+
+    arch = [["ds_r1_k3_s2_e1_c16"], ["ir_r1_k3_s2_e3_c24_nre"], ["ir_r1_k5_s2_e3_c32"], ["cn_r1_k1_s1_c64"]]
+    return MobileNetV3(decode_arch_def(arch), num_classes=num_classes, stem_size=16, num_features=128,
+                       act_layer=get_act_layer("hard_swish"), norm_layer=nn.BatchNorm2d)
+
+
+def export_torch_heads(out: Path, only: list[str] | None) -> None:
+    """Each head with the TorchScript exporter (opset 17, batch 1) and the dynamo
+    exporter (its default opset, dynamic batch, weights inside the file)."""
+    import torch
+
+    try:
+        import timm
+    except ImportError:
+        raise SystemExit("the head fixtures need timm in this venv: pip install timm (1.0.31 used)") from None
+
+    print(f"heads: timm {timm.__version__} -> {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    PoolHeadNet, MlpLn1d = _head_nets()
+
+    def sample(shape):
+        g = torch.Generator().manual_seed(SEED + 2)
+        return torch.randn(*shape, generator=g)
+
+    def both(pattern, build, shape, tol=1e-4):
+        names = (f"{pattern}_ts", f"{pattern}_dynamo")
+        if not any(_wanted(n, only) for n in names):
+            return
+        torch.manual_seed(SEED)
+        model = build()
+        _randomize_heads(model, shape)
+        x = sample(shape)
+        if _wanted(names[0], only):
+            path = out / f"{names[0]}.onnx"
+            with torch.no_grad():
+                torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17,
+                                  input_names=["input"], output_names=["output"], do_constant_folding=True)
+                ref = model(x).numpy()
+            _check(path, {"input": x.numpy()}, ref, tol)
+        if _wanted(names[1], only):
+            path = out / f"{names[1]}.onnx"
+            for p in (path, path.with_name(path.name + ".data")):
+                if p.exists():
+                    p.unlink()
+            # traced on batch 2: a batch-1 example lets torch.export specialise the batch
+            xb = torch.cat([x, sample(shape) * 0.5])
+            batch = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}}
+            with torch.no_grad():
+                torch.onnx.export(model, (xb,), str(path), dynamo=True, input_names=["input"],
+                                  output_names=["output"], external_data=False, dynamic_shapes=batch)
+                ref = model(xb).numpy()
+            _check(path, {"input": xb.numpy()}, ref, tol)
+
+    # non-square inputs: the maps before the pools are 2x3, 4x5, 4x5, so a swapped H/W shows
+    both("convnext_head", _timm_convnext, (1, 3, 64, 96))
+    both("conv_head", _timm_mobilenetv3, (1, 3, 64, 80))
+    both("avgmax", lambda: PoolHeadNet("avgmax"), (1, 3, 32, 40))
+    both("catavgmax", lambda: PoolHeadNet("catavgmax"), (1, 3, 32, 40))
+    both("mlp_ln_1d", MlpLn1d, (1, 16, 64))
+
+
+def export_keras_heads(out: Path, only: list[str] | None) -> None:
+    """Keras (channels-last) Conv2D -> GlobalAveragePooling2D -> Dense through tf2onnx at opset 18.
+
+    At opset 18 tf2onnx keeps the Keras global mean as ReduceMean(axes input [1,2],
+    keepdims=0) on the NHWC map behind a Transpose(0,2,3,1) (its transpose optimizer
+    does not push a Transpose through a keepdims=0 ReduceMean from opset 18 on; at
+    opset 13 the same model comes out as GlobalAveragePool -> Squeeze).
+
+    ``keras_nhwc_gap_cast_tf2onnx``: the Dense is CastDense below, whose call wraps
+    its input and its MatMul output in ``tf.cast(tf.cast(v, tf.float64), tf.float32)``
+    (exact: float32 -> float64 -> float32 round-trips every value); tf2onnx merges
+    each pair into one Cast(to=FLOAT) on a float tensor, i.e. a no-op Cast between
+    the ReduceMean and the MatMul and another between the MatMul and its Add.
+    ``keras_nhwc_gap_tf2onnx``: the same with a plain Dense (no Cast).
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    import tf2onnx
+    import keras
+    from keras import layers
+
+    out.mkdir(parents=True, exist_ok=True)
+
+    def bias_init():   # random biases keep tf2onnx's MatMul -> Add pair (see export_keras)
+        return keras.initializers.RandomNormal(stddev=0.1, seed=SEED + 1)
+
+    class CastDense(layers.Layer):
+        def __init__(self, units, **kw):
+            super().__init__(**kw)
+            self.units = units
+
+        def build(self, shape):
+            self.kernel = self.add_weight(shape=(shape[-1], self.units), initializer="glorot_uniform")
+            self.bias = self.add_weight(shape=(self.units,), initializer=bias_init())
+
+        def call(self, x):
+            x = tf.cast(tf.cast(x, tf.float64), tf.float32)
+            y = tf.matmul(x, self.kernel)
+            y = tf.cast(tf.cast(y, tf.float64), tf.float32)
+            return y + self.bias
+
+    def build(head):
+        # a non-square input and C != H != W, so that a mixed-up axis shows
+        inp = keras.Input((32, 40, 3), name="input")
+        x = layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Conv2D(12, 3, strides=2, padding="same", activation="relu")(x)      # 8x10x12
+        x = layers.GlobalAveragePooling2D()(x)
+        return keras.Model(inp, head(x))
+
+    for name, head in (("keras_nhwc_gap_cast_tf2onnx", lambda: CastDense(10)),
+                       ("keras_nhwc_gap_tf2onnx", lambda: layers.Dense(10, bias_initializer=bias_init()))):
+        if not _wanted(name, only):
+            continue
+        keras.utils.set_random_seed(SEED)
+        model = build(head())
+        spec = (tf.TensorSpec((None, 32, 40, 3), tf.float32, name="input"),)
+
+        @tf.function(input_signature=spec)
+        def fn(x):
+            return model(x, training=False)
+
+        path = out / f"{name}.onnx"
+        tf2onnx.convert.from_function(fn, input_signature=spec, opset=18, output_path=str(path))
+        xb = np.random.default_rng(SEED + 2).standard_normal((2, 32, 40, 3)).astype("float32")
+        ref = model(xb, training=False).numpy()
+        _check(path, {"input": xb}, ref, 1e-4)
 
 
 # -------------------------------------------------------------- describe ---
