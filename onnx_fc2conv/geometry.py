@@ -394,8 +394,9 @@ class _Pass:
 
     def windowed(self, node, src) -> Geo:
         ishape = self.shape(node.input[0])
-        if node.op_type == "Conv":
-            wshape = self.shape(node.input[1]) or self.idx.const_shape(node.input[1])
+        if node.op_type in ("Conv", "ConvInteger", "QLinearConv"):
+            w = node.input[3 if node.op_type == "QLinearConv" else 1]
+            wshape = self.shape(w) or self.idx.const_shape(w)
             kernel = attr(node, "kernel_shape", None) or (list(wshape[2:]) if wshape else None)
         else:
             kernel = attr(node, "kernel_shape", None)

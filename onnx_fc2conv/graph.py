@@ -16,12 +16,15 @@ from onnx import helper, numpy_helper
 
 # Ops whose output is a pure function of their inputs and attributes: a node
 # of these with constant inputs is a constant expression we may evaluate.
+# DequantizeLinear is not one of them: an integer weight is read as integers
+# by the quantized FC kinds (quant.py) and stays an integer initializer;
+# folding it would turn it into a float constant, silently.
 FOLDABLE = frozenset({
     "Identity", "Reshape", "Transpose", "Cast", "Squeeze", "Unsqueeze", "Flatten",
     "Concat", "Gather", "Slice", "ConstantOfShape", "Shape", "Size", "Expand", "Tile",
     "Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Reciprocal", "Pow", "Abs",
     "Range", "Equal", "Where", "ReduceProd", "ReduceSum", "Min", "Max",
-    "DequantizeLinear", "CastLike", "Split",
+    "CastLike", "Split",
 })
 
 # Constant expressions larger than this many nodes are not evaluated.

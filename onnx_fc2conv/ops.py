@@ -43,9 +43,11 @@ BROADCAST = frozenset({
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "PRelu", "Where", "Equal", "Greater",
     "GreaterOrEqual", "Less", "LessOrEqual", "And", "Or", "Xor", "Mod", "BitShift", "Clip", "Dropout",
     "CastLike",
+    # per tensor (scalar scale and zero point): element-wise; steps.py refuses them per axis
+    "QuantizeLinear", "DequantizeLinear",
 })
 PER_CHANNEL = frozenset({"BatchNormalization"})
-WINDOWED = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})
+WINDOWED = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool", "QLinearConv", "ConvInteger"})
 GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
                      "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"})

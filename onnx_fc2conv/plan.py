@@ -116,7 +116,8 @@ def _reusable_weights(model: onnx.ModelProto, idx: GraphIndex, heads: list[Head]
     keys: dict[str, set] = {}
     for head in heads:
         for fc, key, _, perm in _kernel_keys(head):
-            keys.setdefault(fc.weight, set()).add(key if (fc.trans_b and fc.alpha == 1.0 and perm is None) else None)
+            keys.setdefault(fc.weight, set()).add(key if (fc.trans_b and fc.alpha == 1.0 and perm is None
+                                                          and fc.quant is None) else None)
     # An initializer that is also a graph input may be fed by the user (IR >= 4):
     # its dims are not ours to change. Under IR < 4 every initializer is
     # listed as an input, and the rewrite updates that listing too.
@@ -185,6 +186,17 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
     for item in head.items:
         if isinstance(item, FC):
             key, fshape, perm = keys[item.output]
+            if item.quant is not None:  # integer kernel and its quantized op (quant.py)
+                from . import quant
+
+                out = item.output if dh is not None else namer(f"{item.output}_conv")
+                strides = [int(fshape[1])] + [1] * (spatial - 1) if fold and first_conv else None
+                new_nodes, new_inits = quant.emit(item, x, out, idx, namer, kernel_cache, fshape, perm, strides,
+                                                  dense=dh is not None)
+                nodes.extend(new_nodes)
+                inits.extend(new_inits)
+                first_conv, x = False, out
+                continue
             if kernel_cache.get(key) == item.weight:
                 retyped.append((item.weight, (item.m,) + tuple(fshape)))
             elif key not in kernel_cache:

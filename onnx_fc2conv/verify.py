@@ -11,6 +11,15 @@ the smallest tolerance that would have passed (as Polygraphy does).
 Default tolerances follow the output dtype. The default atol scales with the
 output's magnitude (``atol = a0 * max(1, max|orig|)``) because a sum's
 rounding error grows with the size of its terms, not of its result.
+
+Quantized outputs are compared in quantization steps: a value that sums in
+another order may land on the other side of a rounding boundary of a
+requantization (QuantizeLinear, QLinearConv), so an integer output of a
+quantized type (int8/uint8/int16/uint16) may differ by one step (1), and a
+requantized float output, the DequantizeLinear of a constant scale, by one
+step of that scale. The report gives the measured maximum in steps. Other
+integer outputs are compared exactly, other float outputs (a float result
+computed from dequantized values) with the float tolerances.
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ DEFAULT_TOLERANCES = {
     onnx.TensorProto.BFLOAT16: (2e-2, 5e-2),
 }
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# integer types that hold quantized values: one step is 1
+QUANTIZED_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16}
+STEP_TOLERANCE = 1.0 + 1e-3    # one step, measured in float (a step of a float scale is not exactly it)
 
 
 @dataclass
@@ -56,11 +68,17 @@ class OutputReport:
     min_rtol: float = 0.0          # smallest rtol that passes at this atol
     mismatches: int = 0
     message: str = ""
+    steps: float | None = None     # quantized outputs: the largest difference in quantization steps
 
     def line(self) -> str:
         status = "PASSED" if self.passed else "FAILED"
         if self.message:
             return f"{status}  {self.name}: {self.message}"
+        if self.steps is not None:
+            return (f"{status}  {self.name} [{','.join(map(str, self.shape))}] {self.dtype}: "
+                    f"max {self.steps:.3g} quantization step{'s' if self.steps != 1 else ''} "
+                    f"(at most 1 allowed), max abs {self.max_abs:.3g}, {self.mismatches} element"
+                    f"{'s' if self.mismatches != 1 else ''} over")
         return (f"{status}  {self.name} [{','.join(map(str, self.shape))}] {self.dtype}: "
                 f"max abs {self.max_abs:.3g}, mean abs {self.mean_abs:.3g}, p99 abs {self.p99_abs:.3g}, "
                 f"max rel {self.max_rel:.3g} (atol {self.atol:.3g}, rtol {self.rtol:.3g}; "
@@ -226,8 +244,42 @@ def load_inputs(model: onnx.ModelProto, path) -> dict[str, np.ndarray]:
     return feeds
 
 
+def quant_steps(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The quantization step of each float graph output that a
+    DequantizeLinear with a constant scale writes: the scale, shaped to
+    broadcast against the output (per axis: along its axis). A per-tensor
+    DequantizeLinear counts through ops that only reshape (keep mode's
+    Flatten after a head whose chain ends with it)."""
+    from .graph import GraphIndex, attr
+
+    idx = GraphIndex(model)
+    ranks = {o.name: len(o.type.tensor_type.shape.dim) if o.type.tensor_type.HasField("shape") else None
+             for o in model.graph.output}
+    steps = {}
+    for name, rank in ranks.items():
+        node, reshaped = idx.producer.get(name), False
+        while node is not None and node.op_type in ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity"):
+            node, reshaped = idx.producer.get(node.input[0]), True
+        if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 2:
+            continue
+        scale = idx.value(node.input[1])
+        if scale is None or int(attr(node, "block_size", 0) or 0) or (reshaped and scale.size > 1):
+            continue
+        scale = np.abs(scale.astype(np.float64))
+        if scale.ndim == 1 and scale.size > 1:
+            if rank is None:
+                continue
+            axis = int(attr(node, "axis", 1)) % rank
+            scale = scale.reshape([-1 if i == axis else 1 for i in range(rank)])
+        steps[name] = scale.reshape(()) if scale.size == 1 else scale
+    return steps
+
+
 def compare(name: str, expected: np.ndarray, actual: np.ndarray, elem_type: int,
-            atol: float | None, rtol: float | None) -> OutputReport:
+            atol: float | None, rtol: float | None, step: np.ndarray | None = None) -> OutputReport:
+    """One output: floats within atol/rtol, other integers exactly, and a
+    quantized output (an integer of a quantized type, or ``step`` given: a
+    requantized float output) within one quantization step."""
     dt = str(expected.dtype)
     if expected.shape != actual.shape:
         return OutputReport(name, list(expected.shape), dt, False, atol or 0.0, rtol or 0.0,
@@ -236,6 +288,8 @@ def compare(name: str, expected: np.ndarray, actual: np.ndarray, elem_type: int,
         return OutputReport(name, list(expected.shape), dt, False, atol or 0.0, rtol or 0.0,
                             message=f"dtype {actual.dtype} differs from the original's {expected.dtype}")
     floating = elem_type in DEFAULT_TOLERANCES
+    if elem_type in QUANTIZED_TYPES or (floating and step is not None):
+        return _compare_steps(name, expected, actual, elem_type, atol, rtol, step)
     if not floating:
         diff = expected != actual
         n = int(np.count_nonzero(diff))
@@ -279,6 +333,45 @@ def compare(name: str, expected: np.ndarray, actual: np.ndarray, elem_type: int,
     return rep
 
 
+def _compare_steps(name, expected, actual, elem_type, atol, rtol, step) -> OutputReport:
+    """A quantized output: at most one step apart (a float output also
+    passes within the float tolerances, for a step smaller than them)."""
+    e = expected.astype(np.float64)
+    a = actual.astype(np.float64)
+    floating = elem_type in DEFAULT_TOLERANCES
+    if floating:
+        a0, r0 = DEFAULT_TOLERANCES[elem_type]
+        scale = float(np.max(np.abs(e))) if e.size and np.all(np.isfinite(e)) else 1.0
+        atol_v = a0 * max(1.0, scale) if atol is None else float(atol)
+        rtol_v = r0 if rtol is None else float(rtol)
+        step = np.broadcast_to(np.where(step > 0, step, np.inf), e.shape) if e.size else step
+    else:
+        atol_v, rtol_v, step = 0.0, 0.0, np.ones(e.shape)
+    rep = OutputReport(name, list(expected.shape), str(expected.dtype), True, atol_v, rtol_v, steps=0.0)
+    if e.size == 0:
+        return rep
+    same = (np.isnan(e) & np.isnan(a)) | (a == e)
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.where(same, 0.0, np.abs(a - e))
+    d = np.where(np.isnan(d), np.inf, d)
+    in_steps = d / step
+    bad = (in_steps > STEP_TOLERANCE) & (d > atol_v + rtol_v * np.abs(e))
+    worst = int(np.argmax(in_steps))
+    rep.steps = float(np.round(in_steps.max(), 3))
+    rep.max_abs = float(d.max())
+    rep.mean_abs = float(d.mean())
+    rep.p99_abs = float(np.quantile(d, 0.99)) if np.all(np.isfinite(d)) else float("inf")
+    rel = np.where(d == 0, 0.0, d / np.maximum(np.abs(e), np.finfo(np.float64).tiny))
+    rep.max_rel = float(rel.max())
+    rep.worst_index = [int(x) for x in np.unravel_index(worst, d.shape)]
+    rep.worst_expected = float(e.reshape(-1)[worst])
+    rep.worst_actual = float(a.reshape(-1)[worst])
+    rep.min_atol = float(max(0.0, np.max(d - rtol_v * np.abs(e))))
+    rep.mismatches = int(np.count_nonzero(bad))
+    rep.passed = rep.mismatches == 0
+    return rep
+
+
 def _merge(reports: list[OutputReport]) -> OutputReport:
     """Combine one output's reports over several runs (worst case wins)."""
     worst = max(reports, key=lambda r: (not r.passed, r.max_abs))
@@ -289,6 +382,8 @@ def _merge(reports: list[OutputReport]) -> OutputReport:
         setattr(out, key, max(getattr(r, key) for r in reports))
     out.atol = max(r.atol for r in reports)
     out.mismatches = sum(r.mismatches for r in reports)
+    steps = [r.steps for r in reports if r.steps is not None]
+    out.steps = max(steps) if steps else None
     return out
 
 
@@ -317,6 +412,10 @@ def check_models(original, converted, *, provider: str = "cpu", inputs=None, ato
             errors.append(f"the converted model's {which} differ from the original's in name, dtype or shape")
     s_orig = session(original, provider, "the original model")
     out_types = {o.name: o.type.tensor_type.elem_type for o in orig_proto.graph.output}
+    # requantized outputs: the step of their DequantizeLinear (keep mode leaves the nodes after a head as they
+    # are, so the converted graph holds them where the original is known only by its inputs and outputs)
+    graph_of = orig_proto if len(orig_proto.graph.node) else conv_proto
+    steps = quant_steps(graph_of) if isinstance(graph_of, onnx.ModelProto) else {}
     if isinstance(inputs, dict):
         feed_sets = [inputs]
     elif inputs is not None:
@@ -353,7 +452,8 @@ def check_models(original, converted, *, provider: str = "cpu", inputs=None, ato
                 errors.append(f"output {name!r} is missing from the converted model")
                 continue
             per_output.setdefault(name, []).append(
-                compare(name, np.asarray(e), np.asarray(conv_by_name[name]), out_types.get(name, 0), atol, rtol))
+                compare(name, np.asarray(e), np.asarray(conv_by_name[name]), out_types.get(name, 0), atol, rtol,
+                        steps.get(name)))
     outputs = [_merge(v) for v in per_output.values()]
     shapes_used = {k: list(v.shape) for k, v in feed_sets[0].items()}
     ok = not errors and bool(outputs) and all(o.passed for o in outputs)

@@ -2,11 +2,16 @@
 
 - ``Gemm`` (transA = 0), ``Y = alpha * A @ B' + beta * C``, B constant 2-D;
 - ``MatMul`` with a constant 2-D weight, plus an optional ``Add`` of a
-  constant per-feature bias on either side.
+  constant per-feature bias on either side;
+- quantized FCs (quant.py): QDQ ``Gemm``/``MatMul`` whose weight is a
+  ``DequantizeLinear`` of integers, ``QLinearMatMul``, com.microsoft
+  ``QGemm``, ``MatMulInteger``. They come first: a quantized weight is never
+  read as a float constant.
 
-Each kind is one function ``(node, ctx) -> FC | Refusal | None`` in
-``KINDS``; :func:`match_fc` tries them in order and refuses an FC whose
-dtype Conv does not take at the model's opset.
+Each kind is one function ``(node, ctx) -> FC | Refusal | None | False`` in
+``KINDS`` (``False``: the node belongs to an FC matched from another node,
+so no later kind may take it); :func:`match_fc` tries them in order and
+refuses an FC whose dtype Conv does not take at the model's opset.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from .. import kernels, ops
+from .. import kernels, ops, quant as q
 from ..graph import attr, node_label
 from . import Context, Refusal
 
@@ -35,6 +40,7 @@ class FC:
     bias: str | None             # tensor name of C or of the Add's constant
     m: int
     k: int
+    quant: object | None = None  # quant.Quant: how a quantized FC is quantized (None: a float FC)
 
 
 def conv_types(opset: int) -> set[int]:
@@ -101,12 +107,32 @@ def matmul(node: onnx.NodeProto, ctx: Context) -> FC | Refusal | None:
     return FC(node_label(node), "MatMul+Add" if bias else "MatMul", nodes, a, out, b, False, 1.0, 1.0, bias, m, k)
 
 
-KINDS = (gemm, matmul)
+def qdq(node: onnx.NodeProto, ctx: Context) -> FC | Refusal | None | bool:
+    """Gemm/MatMul with a DequantizeLinear'd integer weight (QDQ format)."""
+    return q.match_qdq(node, ctx)
+
+
+def qlinear_matmul(node: onnx.NodeProto, ctx: Context) -> FC | Refusal | None:
+    """QLinearMatMul with a constant integer weight (+ its QLinearAdd)."""
+    return q.match_qlinear_matmul(node, ctx)
+
+
+def qgemm(node: onnx.NodeProto, ctx: Context) -> FC | Refusal | None:
+    """com.microsoft QGemm with a constant integer weight."""
+    return q.match_qgemm(node, ctx)
+
+
+def matmul_integer(node: onnx.NodeProto, ctx: Context) -> FC | Refusal | None | bool:
+    """DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (dynamic quantization)."""
+    return q.match_matmul_integer(node, ctx)
+
+
+KINDS = (qdq, qlinear_matmul, qgemm, matmul_integer, gemm, matmul)
 
 
 def match_fc(node: onnx.NodeProto, ctx: Context) -> FC | Refusal | None:
     """An FC, a Refusal (an FC we will not convert), or None (not an FC)."""
-    if not ops.is_default(node):
+    if not ops.is_default(node) and not (node.domain == "com.microsoft" and node.op_type in q.CUSTOM_OPS):
         return None
     for kind in KINDS:
         found = kind(node, ctx)
@@ -114,7 +140,14 @@ def match_fc(node: onnx.NodeProto, ctx: Context) -> FC | Refusal | None:
             break
     else:
         return None
-    if isinstance(found, FC):
+    if found is False:
+        return None
+    if isinstance(found, FC) and found.quant is not None:
+        elem = found.quant.float_type  # the dequantized type (QDQ); integer kernels: QLinearConv/ConvInteger
+        if elem is not None and elem not in conv_types(ctx.idx.opset):
+            name = onnx.helper.tensor_dtype_to_string(elem).replace("TensorProto.", "").lower()
+            return Refusal(f"its weight dequantizes to {name}, which Conv does not take at opset {ctx.idx.opset}", node)
+    elif isinstance(found, FC):
         elem = ctx.idx.elem_type(found.weight)
         if elem not in conv_types(ctx.idx.opset):
             name = onnx.helper.tensor_dtype_to_string(elem).replace("TensorProto.", "").lower()

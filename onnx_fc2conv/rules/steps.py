@@ -39,6 +39,7 @@ CLASS_AXIS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin", 
 # ops along the class axis that end a classifier: they stay after the head in
 # keep mode (where they see [N, M] again) and join only the dense tail
 AFTER_HEAD = frozenset({"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin"})
+QUANTIZE = frozenset({"QuantizeLinear", "DequantizeLinear"})   # per tensor only (scalar scale, zero point)
 FLATTENING_BELOW_13 = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
 # ops that act from their axis to the last one: the class axis must be last
 CLASS_LAST = frozenset({"LayerNormalization"})
@@ -99,6 +100,8 @@ def match_step(node: onnx.NodeProto, t: str, m: int, spatial_rank: int, ctx: Con
                 consts.append((i, reshaped))
         if op in SCALAR_EXTRAS and data != 0:
             return Refusal(f"reads the {what} as a parameter", node)
+        if op in QUANTIZE and (consts or data != 0 or int(attr(node, "block_size", 0) or 0)):
+            return Refusal("quantizes per axis or in blocks, not per tensor", node)
         return Step(node, data, tuple(consts))
     if classes and op in CLASS_AXIS and data == 0:
         acted = ops.acted_axes(node, 2, idx.opset, idx.value)
