@@ -93,18 +93,25 @@ def matmul(node: onnx.NodeProto, ctx: Context) -> FC | Refusal | None:
         return Refusal(f"its input {a!r} has rank {rank}: a MatMul over more than a batch of feature vectors "
                        "is not an FC on a flattened map", node)
     k, m = wshape
-    nodes, out, bias = (node,), node.output[0], None
+    nodes, out, bias = bias_add(node, m, ctx)
+    return FC(node_label(node), "MatMul+Add" if bias else "MatMul", nodes, a, out, b, False, 1.0, 1.0, bias, m, k)
+
+
+def bias_add(node: onnx.NodeProto, m: int, ctx: Context) -> tuple:
+    """A MatMul and the ``Add`` of a constant per-feature bias that is its only
+    consumer: ``(nodes, output, bias name)``, or the MatMul alone."""
+    idx = ctx.idx
     add = idx.only_consumer(node.output[0])
-    if add is not None and add.op_type == "Add" and ops.is_default(add):
+    if add is not None and add.op_type == "Add" and ops.is_default(add) and node.output[0] not in idx.outputs:
         other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-        bv = idx.value(other)
-        if bv is not None:
+        value = idx.value(other)
+        if value is not None:
             try:
-                kernels.fc_bias(bv, m)
-                nodes, out, bias = (node, add), add.output[0], other
+                kernels.fc_bias(value, m)
+                return (node, add), add.output[0], other
             except kernels.NotPerFeature:
                 pass
-    return FC(node_label(node), "MatMul+Add" if bias else "MatMul", nodes, a, out, b, False, 1.0, 1.0, bias, m, k)
+    return (node,), node.output[0], None
 
 
 def qdq(node: onnx.NodeProto, ctx: Context) -> FC | Refusal | None | bool:

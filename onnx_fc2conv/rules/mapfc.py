@@ -19,7 +19,7 @@ from onnx import helper
 from .. import kernels, ops
 from ..graph import node_key, node_label
 from . import Context
-from .fc import conv_types
+from .fc import bias_add, conv_types
 
 
 @dataclass(frozen=True)
@@ -48,17 +48,7 @@ def match_map_fc(node: onnx.NodeProto, ctx: Context) -> MapFC | None:
     if idx.elem_type(b) not in conv_types(idx.opset):
         return None
     k, m = wshape
-    nodes, out, bias = (node,), node.output[0], None
-    add = idx.only_consumer(out)
-    if add is not None and add.op_type == "Add" and ops.is_default(add) and out not in idx.outputs:
-        other = add.input[1] if add.input[0] == out else add.input[0]
-        value = idx.value(other)
-        if value is not None:
-            try:
-                kernels.fc_bias(value, m)
-                nodes, out, bias = (node, add), add.output[0], other
-            except kernels.NotPerFeature:
-                pass
+    nodes, out, bias = bias_add(node, m, ctx)
     return MapFC(node_label(node), "MatMul+Add" if bias else "MatMul", nodes, a, out, b, bias, m, k, rank)
 
 
