@@ -49,7 +49,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import Fc2ConvError
-from .graph import GraphIndex, attr, node_label
+from .graph import GraphIndex, attr, is_default, node_label
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def apply(model: onnx.ModelProto, geometry: list | None, dense_stride: int, *, i
         op = node.op_type
         if not j_in:
             new_nodes.append(node)
-        elif op in WINDOWED and node.domain in ("", "ai.onnx"):
+        elif op in WINDOWED and is_default(node):
             new_nodes.extend(_windowed(node, j_in, jumps.get(node.output[0], {}), s, opset, idx, infos, fine,
                                        new_inits))
         elif not any(j > s for j in j_in.values()):

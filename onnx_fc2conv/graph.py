@@ -42,6 +42,14 @@ def node_label(node: onnx.NodeProto) -> str:
     return node.name or (node.output[0] if node.output else node.op_type)
 
 
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def is_default(node: onnx.NodeProto) -> bool:
+    """The node is a standard ONNX op (not a custom domain's)."""
+    return node.domain in DEFAULT_DOMAINS
+
+
 def node_key(node: onnx.NodeProto) -> str:
     """A node's identity that survives copies (unlike ``id()`` of a protobuf
     wrapper): its first output's name (outputs are unique in a graph), else
@@ -70,7 +78,7 @@ class GraphIndex:
         self.model = model
         graph = model.graph
         self.graph = graph
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        self.opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
         self.initializers = {t.name: t for t in graph.initializer}
         self.inputs = [i.name for i in graph.input if i.name not in self.initializers]
         self.outputs = {o.name for o in graph.output}
@@ -166,9 +174,9 @@ class GraphIndex:
         node = self.producer.get(name)
         if node is None:
             return None
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        if node.op_type == "Constant" and is_default(node):
             return _constant_node_value(node)
-        if node.domain not in ("", "ai.onnx") or node.op_type not in FOLDABLE:
+        if not is_default(node) or node.op_type not in FOLDABLE:
             return None
         if node.op_type in ("Shape", "Size"):
             return None  # handled by shape evaluation, not constant folding

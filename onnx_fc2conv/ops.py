@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import onnx
 
-from .graph import attr
-
-DEFAULT_DOMAINS = ("", "ai.onnx")
+from .graph import attr, is_default  # noqa: F401 (is_default: read as ops.is_default)
 
 POINTWISE = frozenset({
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Gelu",
@@ -55,10 +53,6 @@ REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "Reduc
 AXIS_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "CumSum", "TopK", "ArgMax",
                       "ArgMin", "LayerNormalization", "MeanVarianceNormalization", "InstanceNormalization",
                       "GroupNormalization", "LRN", "Concat", "Split", "MatMul"}) | REDUCES
-
-
-def is_default(node: onnx.NodeProto) -> bool:
-    return node.domain in DEFAULT_DOMAINS
 
 
 def norm_axes(axes, rank: int) -> set[int]:

@@ -46,7 +46,7 @@ import onnx
 from onnx import helper
 
 from . import kernels
-from .graph import attr, node_label
+from .graph import attr, is_default, node_label
 from .rules import Context, Refusal
 
 QUANT_DOMAINS = ("", "ai.onnx", "com.microsoft")
@@ -174,7 +174,7 @@ def match_qdq(node: onnx.NodeProto, ctx: Context):
     if is_quant_op(node, "QuantizeLinear"):
         dq = _only(ctx, node.output[0], "DequantizeLinear")
         op = ctx.idx.only_consumer(dq.output[0]) if dq is not None else None
-        if op is None or op.op_type not in ("Gemm", "MatMul") or op.domain not in ("", "ai.onnx") \
+        if op is None or op.op_type not in ("Gemm", "MatMul") or not is_default(op) \
                 or op.input[0] != dq.output[0] or _pair_before(ctx, op.input[0]) != (node, dq):
             return None
         found = _qdq(op, ctx, (node, dq))
@@ -271,7 +271,7 @@ def _qdq(node: onnx.NodeProto, ctx: Context, pre: tuple):
 
 def _only_add(ctx: Context, name: str) -> onnx.NodeProto | None:
     add = ctx.idx.only_consumer(name)
-    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or name in ctx.idx.outputs:
+    if add is None or add.op_type != "Add" or not is_default(add) or name in ctx.idx.outputs:
         return None
     return add
 
@@ -427,7 +427,7 @@ def _integer(node: onnx.NodeProto, ctx: Context):
     if cast is None:
         return Refusal("its int32 output is not dequantized by Cast -> Mul(scale)", node)
     mul = idx.only_consumer(cast.output[0])
-    if mul is None or mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx"):
+    if mul is None or mul.op_type != "Mul" or not is_default(mul):
         return Refusal("its int32 output is not dequantized by Cast -> Mul(scale)", node)
     scale = _other(mul, cast.output[0])
     smul = idx.producer.get(scale)
