@@ -297,9 +297,9 @@ class _Pass:
         if mixed:
             if op in ops.REDUCES and set(data) <= acted:
                 return [self.global_pool(node, data)]
-            names = {o: f"the axis {o}" for o in mixed}
-            self.refuse(node, f"acts along spatial axis {', '.join(str(m) for m in names)} "
-                              f"(axes {sorted(acted)} of a rank-{rank} tensor at opset {self.idx.opset})")
+            where = f"spatial axis {mixed[0]}" if len(mixed) == 1 else f"spatial axes {mixed}"
+            self.refuse(node, f"acts along {where} (axes {sorted(acted)} of a rank-{rank} tensor at opset "
+                              f"{self.idx.opset})")
         if op == "Concat":
             return [self.join(node, ins)]
         if op in ("LayerNormalization", "BatchNormalization"):

@@ -44,16 +44,16 @@ def trunk_model(op_lines: str, opset: int = 13, channels: int = 4, extra_inputs:
 
 # op lines, opset, constants, the words the refusal must contain
 REFUSED = {
-    "MeanVarianceNormalization default axes": ("o = MeanVarianceNormalization(c)", 12, {}, "spatial axis"),
-    "Softmax axis=1 opset 11 (flattens C*H*W)": ("o = Softmax <axis=1> (c)", 11, {}, "spatial axis"),
+    "MeanVarianceNormalization default axes": ("o = MeanVarianceNormalization(c)", 12, {}, "spatial axes [2, 3]"),
+    "Softmax axis=1 opset 11 (flattens C*H*W)": ("o = Softmax <axis=1> (c)", 11, {}, "spatial axes [2, 3]"),
     "LogSoftmax-13 default axis (W)": ("o = LogSoftmax(c)", 13, {}, "spatial axis 3"),
     "Hardmax-13 default axis (W)": ("o = Hardmax(c)", 13, {}, "spatial axis 3"),
     "LpNormalization default axis (W)": ("o = LpNormalization(c)", 13, {}, "spatial axis 3"),
     "CumSum along H": ("o = CumSum(c, ax)", 13, {"ax": np.array(2, np.int64)}, "spatial axis 2"),
     "InstanceNormalization": ("o = InstanceNormalization(c, s, b)", 13,
-                              {"s": np.ones(4, np.float32), "b": np.zeros(4, np.float32)}, "spatial axis"),
+                              {"s": np.ones(4, np.float32), "b": np.zeros(4, np.float32)}, "spatial axes [2, 3]"),
     "LayerNormalization axis=1 over C,H,W": ("o = LayerNormalization <axis=1> (c, s)", 17,
-                                              {"s": np.ones((4, 12, 12), np.float32)}, "spatial axis"),
+                                              {"s": np.ones((4, 12, 12), np.float32)}, "spatial axes [2, 3]"),
     "ReduceMean over W keepdims": ("m = ReduceMean <axes=[3]> (c)\n o = Sub(c, m)", 13, {}, "spatial axis 3"),
     "positional constant": ("o = Add(c, pos)", 13, {"pos": np.ones((1, 4, 12, 12), np.float32)},
                             "varies along spatial axis"),
