@@ -54,6 +54,9 @@ class DenseHead:
     # pools before per-position ops that the collapse reads (pool -> 1x1
     # conv_head -> act; avg+max pools): (node, windowed pool op) each
     segment_pools: tuple = ()
+    # identity views between those pools and the collapse, computed for the
+    # native size (dynamo's as_strided): Gather nodes that become Identity
+    segment_views: tuple = ()
 
     def geometry_dict(self) -> dict:
         axes = []
@@ -103,7 +106,7 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
             raise Fc2ConvError(f"FC {layer.name!r} is not converted ({layer.reason}); dense mode needs every FC "
                                "to become a convolution")
     out = DensePlan([], kept_global=found.kept_global, refusals=found.refusals)
-    for head, (pool, pool_op, source, segment) in zip(heads, pools):
+    for head, (pool, pool_op, source, segment, views) in zip(heads, pools):
         window = tuple(int(d) for d in ctx.shape(source)[2:])
         geo = found.geo.get(source, {})
         axes = []
@@ -113,7 +116,7 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
                                    "the model cannot be made dense")
             axes.append(geo[axis])
         tail, outputs = _tail(ctx, head)
-        dh = DenseHead(head, source, window, pool, pool_op, tuple(tail), tuple(outputs), tuple(axes), segment)
+        dh = DenseHead(head, source, window, pool, pool_op, tuple(tail), tuple(outputs), tuple(axes), segment, views)
         out.heads.append(dh)
         for a in dh.geometry:
             out.image_inputs.setdefault(a.input, set()).add(a.input_axis)
@@ -141,13 +144,13 @@ def _head_pool(ctx: Context, head: Head):
     if kind is None:
         found = pooled_segment(ctx.idx, ctx.shapes, f) if all(d == 1 for d in col.feature_shape[1:]) else None
         if found is None:
-            return None, None, f, ()
-        pools, _ = found
+            return None, None, f, (), ()
+        pools, _, views = found
         source = pools[0].input[0]
         tshape = ctx.shape(source)
         if tshape is None or not all(isinstance(d, int) for d in tshape[2:]):
             raise Fc2ConvError(f"the map {source!r} that the head pools has an unknown size; give --input-shape")
-        return None, None, source, tuple((p, WINDOWED_POOL[p.op_type]) for p in pools)
+        return None, None, source, tuple((p, WINDOWED_POOL[p.op_type]) for p in pools), tuple(views)
     label = f"{producer.op_type} {node_label(producer)!r}"
     pool_op = WINDOWED_POOL.get(producer.op_type)
     if pool_op is None:
@@ -160,7 +163,7 @@ def _head_pool(ctx: Context, head: Head):
     if kind == "covering" and not covers(producer, list(tshape[2:])):
         raise Fc2ConvError(f"{label} does not cover its whole map (every position counted once); "
                            "the model cannot be made dense")
-    return producer, pool_op, source, ()
+    return producer, pool_op, source, (), ()
 
 
 def _tail(ctx: Context, head: Head):

@@ -127,7 +127,11 @@ def pooled_segment(idx: GraphIndex, shapes, end: str, limit: int = 64):
     one map, and the nodes after them in graph order; or None when ``end`` is
     not computed that way. Raises Fc2ConvError naming a node of such a
     segment that does not act per position."""
-    pools, nodes, stack, seen = [], [], [end], set()
+    from .rules import Context
+    from .rules.collapse import strided_view_of
+
+    ctx = Context(idx, shapes)
+    pools, nodes, views, stack, seen = [], [], {}, [end], set()
     while stack:
         t = stack.pop()
         if t in seen or idx.value(t) is not None:
@@ -139,6 +143,11 @@ def pooled_segment(idx: GraphIndex, shapes, end: str, limit: int = 64):
         if _whole_map_pool(idx, shapes, node):
             pools.append(node)
             continue
+        view = strided_view_of(ctx, node)
+        if view is not None:  # an identity view: follow what it views
+            views[t] = (node, view)
+            stack.append(view)
+            continue
         nodes.append(node)
         stack.extend(i for i in node.input if i)
     if not pools or len({p.input[0] for p in pools}) != 1:
@@ -148,12 +157,12 @@ def pooled_segment(idx: GraphIndex, shapes, end: str, limit: int = 64):
     check = _Pass(idx, shapes, nodes, set(), keep_global=False, lenient=False)
     rank = len(check.shape(pools[0].output[0]) or ())
     seed = {p.output[0]: {a: Axis("", a, 1, 1, 0) for a in range(2, rank)} for p in pools}
-    found = check.run(seed)
-    axes = found.geo.get(end, {})
+    found = check.run(seed, {t: v for t, (_, v) in views.items()})
+    axes = found.geo.get(views[end][1] if end in views else end, {})
     if sorted(axes) != list(range(2, rank)) or any((a.stride, a.receptive_field, a.offset) != (1, 1, 0)
                                                    for a in axes.values()):
         return None  # a window wider than one position after the pool: not the original's arithmetic
-    return pools, nodes
+    return pools, nodes, [node for node, _ in views.values()]
 
 
 def _whole_map_pool(idx: GraphIndex, shapes, node) -> bool:
@@ -186,9 +195,11 @@ class _Pass:
     def rank(self, name) -> int:
         return self.ctx.rank(name) or 0
 
-    def run(self, seed: dict | None = None) -> Trace:
+    def run(self, seed: dict | None = None, aliases: dict | None = None) -> Trace:
+        """``aliases``: tensor -> the tensor it is an identity view of."""
         geo = self.out.geo
         geo.update(seed or {})
+        aliases = aliases or {}
         for name in self.idx.inputs:
             axes = range(1, self.rank(name))
             geo[name] = {a: Axis(name, a, 1, 1, 0) for a in axes
@@ -196,7 +207,7 @@ class _Pass:
         for node in self.cone:
             if self.idx.value(node.output[0]) is not None if node.output else True:
                 continue  # a constant expression
-            ins = [geo.get(i) or {} for i in node.input]
+            ins = [geo.get(aliases.get(i, i)) or {} for i in node.input]
             if not any(ins):
                 continue  # no input has positions: neither has its output
             try:

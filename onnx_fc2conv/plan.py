@@ -166,6 +166,10 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
         nodes.append(helper.make_node(pool_op, [pool.input[0]], [pool.output[0]], name=pool.name or namer("window_pool"),
                                       kernel_shape=list(dh.window), strides=[1] * len(dh.window)))
         removed.add(node_key(pool))
+    for view in (dh.segment_views if dh is not None else ()):  # Gather(Reshape(x, [-1]), arange) -> x
+        nodes.append(helper.make_node("Identity", [idx.producer[view.input[0]].input[0]], [view.output[0]],
+                                      name=view.name or namer("view")))
+        removed.add(node_key(view))
     for step in col.steps:  # per position: the same on the map as on the flattened vector
         out = namer(f"{step.node.output[0]}_map")
         new_nodes, new_inits = emit(step, x, out, namer, spatial, idx.opset, dense=dh is not None)

@@ -209,3 +209,28 @@ def test_cast_in_the_collapse_and_between_matmul_and_bias():
     assert check(m, result.model, atol=1e-2, rtol=1e-2)
     dense = convert(m, dense=True)
     assert check(m, dense.model, dense=True, atol=1e-2, rtol=1e-2)
+
+
+def test_strided_view_is_an_identity_only_when_its_indices_are():
+    """dynamo's as_strided: Gather(Reshape(x, [-1]), Range(batch)*C + arange(C))."""
+    from onnx_fc2conv.rules.collapse import strided_view_of
+
+    def model(offset):
+        return parse(f"""
+            <ir_version: 8, opset_import: ["" : 18]>
+            g (float[N,4,1,1] x) => (float[N,4,1,1] y) {{
+              flat = Reshape(x, m1)
+              s = Shape(x)
+              n = Gather <axis=0> (s, zero)
+              r = Range(start, n, one)
+              rm = Mul(r, four)
+              ru = Unsqueeze(rm, ax)
+              ind = Add(ru, base)
+              y = Gather <axis=0> (flat, ind)
+            }}""", m1=np.array([-1], np.int64), zero=np.array(0, np.int64), start=np.array(0, np.int64),
+            one=np.array(1, np.int64), four=np.array(4, np.int64), ax=np.array([1, 2, 3], np.int64),
+            base=(np.arange(4, dtype=np.int64) + offset).reshape(1, 4, 1, 1))
+
+    good, shifted = model(0), model(1)
+    assert strided_view_of(ctx_of(good), node(good, "y")) == "x"
+    assert strided_view_of(ctx_of(shifted), node(shifted, "y")) is None

@@ -319,6 +319,35 @@ def _apply_shape(ctx: Context, node, shape, b, batch_sym):
     raise _Unknown(f"{op} {node_label(node)!r} in the collapse")
 
 
+def strided_view_of(ctx: Context, node: onnx.NodeProto) -> str | None:
+    """``x`` when ``node`` is ``Gather(Reshape(x, [-1]), indices, axis=0)``
+    whose indices are ``arange(x.size)`` in ``x``'s shape for every batch size
+    (PyTorch's dynamo exporter writes ``as_strided`` views this way): the
+    identity of ``x``, computed for the native size only. Else None."""
+    idx = ctx.idx
+    if node.op_type != "Gather" or not ops.is_default(node) or int(attr(node, "axis", 0)) != 0:
+        return None
+    flat = idx.producer.get(node.input[0])
+    if flat is None or flat.op_type != "Reshape" or not ops.is_default(flat) or len(flat.input) < 2:
+        return None
+    x = flat.input[0]
+    shape = ctx.shape(x)
+    target = idx.value(flat.input[1])
+    if shape is None or target is None or [int(d) for d in target.reshape(-1)] != [-1] \
+            or not all(isinstance(d, int) for d in shape[1:]):
+        return None
+    batch = shape[0]
+    for b in ([batch] if isinstance(batch, int) else [1, 2, 3]):
+        try:
+            ind = eval_shape_tensor(ctx, node.input[1], b, batch)
+        except _Unknown:
+            return None
+        dims = (b,) + tuple(shape[1:])
+        if tuple(ind.shape) != dims or not np.array_equal(ind.reshape(-1), np.arange(int(np.prod(dims)))):
+            return None
+    return x
+
+
 def eval_shape_tensor(ctx: Context, name: str, b: int, batch_sym) -> np.ndarray:
     """The value of a shape tensor when the batch is ``b``: a constant, or
     an expression of constants and ``Shape`` of tensors whose only non-static
