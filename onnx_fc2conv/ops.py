@@ -73,6 +73,8 @@ def acted_axes(node: onnx.NodeProto, rank: int, opset: int, value) -> set[int] |
     (an axis given by a non-constant input). ``value(name)`` returns a
     constant's value or None."""
     op = node.op_type
+    if op == "QLinearSoftmax":  # com.microsoft: a Softmax of the opset its attribute names
+        op, opset = "Softmax", int(attr(node, "opset", opset))
     if op in ("Softmax", "LogSoftmax", "Hardmax"):
         if opset < 13:  # flattens [axis:] into one dimension
             axis = int(attr(node, "axis", 1)) % rank

@@ -40,7 +40,7 @@ CLASS_AXIS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin", 
 # keep mode (where they see [N, M] again) and join only the dense tail
 AFTER_HEAD = frozenset({"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin"})
 QUANTIZE = frozenset({"QuantizeLinear", "DequantizeLinear"})   # per tensor only (scalar scale, zero point)
-FLATTENING_BELOW_13 = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
+FLATTENING_BELOW_13 = frozenset({"Softmax", "LogSoftmax", "Hardmax", "QLinearSoftmax"})
 # ops that act from their axis to the last one: the class axis must be last
 CLASS_LAST = frozenset({"LayerNormalization"})
 
@@ -63,9 +63,12 @@ def match_step(node: onnx.NodeProto, t: str, m: int, spatial_rank: int, ctx: Con
     idx = ctx.idx
     op = node.op_type
     what = "scores" if classes else "features"
-    if not ops.is_default(node):
-        return Refusal(f"is a custom op ({node.domain}:{op})", node)
     data = list(node.input).index(t)
+    if classes and (node.domain, op) == ("com.microsoft", "QLinearSoftmax") and data == 0 \
+            and all(idx.value(i) is not None and idx.value(i).size == 1 for i in node.input[1:] if i):
+        pass  # onnxruntime's quantized Softmax, per-tensor scales: along the class axis, checked below
+    elif not ops.is_default(node):
+        return Refusal(f"is a custom op ({node.domain}:{op})", node)
     if any(o and idx.uses(o) for o in node.output[1:]):
         return Refusal("has a second output that is used", node)
     if op in NOOP_RESHAPES:
@@ -103,7 +106,7 @@ def match_step(node: onnx.NodeProto, t: str, m: int, spatial_rank: int, ctx: Con
         if op in QUANTIZE and (consts or data != 0 or int(attr(node, "block_size", 0) or 0)):
             return Refusal("quantizes per axis or in blocks, not per tensor", node)
         return Step(node, data, tuple(consts))
-    if classes and op in CLASS_AXIS and data == 0:
+    if classes and (op in CLASS_AXIS or op == "QLinearSoftmax") and data == 0:
         acted = ops.acted_axes(node, 2, idx.opset, idx.value)
         if acted != {1}:
             axes = sorted(acted) if acted is not None else "unknown axes"
@@ -135,6 +138,8 @@ def emit(step: Step, x: str, out: str, namer, spatial: int, opset: int, *, dense
     for a in list(new.attribute):
         if a.name == "axis":
             new.attribute.remove(a)
+    if node.op_type == "QLinearSoftmax":
+        opset = int(attr(node, "opset", opset))
     if node.op_type in CLASS_LAST or (node.op_type in FLATTENING_BELOW_13 and opset < 13):
         rank = 2 + spatial
         to_last = [0] + list(range(2, rank)) + [1]
