@@ -246,8 +246,7 @@ class _Pass:
         if op in ops.AXIS_OPS:
             return self.axis_op(node, ins)
         if op == "DynamicQuantizeLinear":
-            self.refuse(node, "takes its scale and zero point over the whole tensor, so every position depends on "
-                              "every other (dynamic quantization)")
+            self.refuse(node, "takes its scale and zero point from the whole tensor (dynamic quantization)")
         handler = {"Transpose": self.transpose, "Pad": self.pad, "Reshape": self.reshape,
                    "Squeeze": self.squeeze, "Unsqueeze": self.squeeze, "Slice": self.select,
                    "Gather": self.select, "Shape": lambda n, i: [{}], "Size": lambda n, i: [{}]}.get(op)
