@@ -274,19 +274,10 @@ def compare(got: list[dict], refs: list[dict], feeds_list: list[dict]) -> None:
 # --- the matrix -------------------------------------------------------------
 
 def native_feeds(model: onnx.ModelProto, batch: int = 2, seed: int = SEED) -> dict:
-    """Seeded standard-normal inputs in each input's dtype, at the declared
-    sizes; a dim the model leaves free (symbolic, unknown, or a negative
-    number as paddle2onnx writes) gets ``batch``."""
-    rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
-    feeds = {}
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
-        dims = [d.dim_value if d.dim_value > 0 else batch for d in inp.type.tensor_type.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
-        feeds[inp.name] = rng.standard_normal(dims).astype(dtype)
-    return feeds
+    """Seeded inputs at the declared sizes, ``batch`` where a dim is free."""
+    from helpers import feeds_for
+
+    return feeds_for(model, batch, seed)
 
 
 @dataclass

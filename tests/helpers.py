@@ -44,7 +44,8 @@ def feeds_for(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict:
     for i in model.graph.input:
         if i.name in inits:
             continue
-        dims = [d.dim_value if d.HasField("dim_value") else batch for d in i.type.tensor_type.shape.dim]
+        # a free dim (symbolic, unknown, or -1 as paddle2onnx writes it) gets ``batch``
+        dims = [d.dim_value if d.dim_value > 0 else batch for d in i.type.tensor_type.shape.dim]
         dt = helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
         feeds[i.name] = rng.standard_normal(dims).astype(dt)
     return feeds
