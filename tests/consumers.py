@@ -54,9 +54,11 @@ SEED, LARGER_SEED = 0, 1
 
 
 def model_files() -> dict[str, Path]:
-    """Every sample model and exporter fixture, by file stem (a stem found in
+    """Every sample model and exporter fixture (heads/ included), by file stem (a stem found in
     both folders gets its folder's name in front the second time)."""
-    files = sorted((ROOT / "models").glob("*.onnx")) + sorted((ROOT / "tests" / "fixtures").glob("*.onnx"))
+    fixtures = ROOT / "tests" / "fixtures"
+    files = sorted((ROOT / "models").glob("*.onnx")) + sorted(fixtures.glob("*.onnx")) \
+        + sorted((fixtures / "heads").glob("*.onnx"))
     named: dict[str, Path] = {}
     for path in files:
         named[path.stem if path.stem not in named else f"{path.parent.name}/{path.stem}"] = path
