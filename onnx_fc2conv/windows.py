@@ -48,6 +48,7 @@ from onnx import helper
 
 from . import dense as dense_mod, find, shapes as shapes_mod
 from .errors import Fc2ConvError
+from .graph import node_key
 from .verify import CheckReport, OutputReport, _merge, compare, random_inputs, session
 
 MAX_POSITIONS = 48
@@ -86,11 +87,11 @@ def _cone(model: onnx.ModelProto, outputs, stop) -> list[onnx.NodeProto]:
             continue
         seen.add(t)
         n = producer.get(t)
-        if n is None or id(n) in keep:
+        if n is None or node_key(n) in keep:
             continue
-        keep.add(id(n))
+        keep.add(node_key(n))
         stack.extend(i for i in n.input if i)
-    return [n for n in model.graph.node if id(n) in keep]
+    return [n for n in model.graph.node if node_key(n) in keep]
 
 
 def _submodel(model: onnx.ModelProto, nodes, inputs: list, outputs: list) -> onnx.ModelProto:
