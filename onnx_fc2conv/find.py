@@ -51,17 +51,18 @@ class Layer:
     in_channels: int | None = None
     out_channels: int | None = None
     head: int | None = None
+    conv: str = "Conv"           # the op it becomes: Conv, QLinearConv, ConvInteger, DequantizeLinear+Conv
 
     @property
     def becomes(self) -> str:
         if not self.converted:
             return "not converted: " + (self.reason or "")
         k = "x".join(str(d) for d in self.kernel)
-        return f"Conv {k}, {self.in_channels} -> {self.out_channels} channels"
+        return f"{self.conv} {k}, {self.in_channels} -> {self.out_channels} channels"
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("name", "op", "pattern", "input_shape", "layout", "converted",
-                                            "reason", "kernel", "in_channels", "out_channels", "head")}
+                                            "reason", "kernel", "in_channels", "out_channels", "head", "conv")}
         d["becomes"] = self.becomes
         return d
 
@@ -116,7 +117,7 @@ def find_heads(model_or_ctx, shapes: dict[str, TensorInfo] | None = None) -> tup
         head_no = len(heads)
         shape = fmt_shape(ctx.shape(col.source)) + [1] * col.unsqueeze
         layers.append(Layer(fc.name, fc.op, col.pattern, shape, col.layout, True, None,
-                            list(col.feature_shape[1:]), col.feature_shape[0], fc.m, head_no))
+                            list(col.feature_shape[1:]), col.feature_shape[0], fc.m, head_no, _conv_op(fc)))
         items, t = _chain(ctx, fc, len(col.feature_shape) - 1, head_no, layers, stops)
         for it in items:
             claimed.update(node_key(n) for n in item_nodes(it))
@@ -143,6 +144,14 @@ def find_map_fcs(ctx: Context, layers: list) -> list:
     return found
 
 
+def _conv_op(fc: FC) -> str:
+    quant = getattr(fc, "quant", None)
+    if quant is None:
+        return "Conv"
+    return {"qdq": "DequantizeLinear+Conv", "qlinear": "QLinearConv", "qgemm": "QLinearConv",
+            "integer": "ConvInteger"}.get(quant.format, "Conv")
+
+
 def _chain(ctx: Context, fc: FC, spatial: int, head_no: int, layers: list, stops: dict):
     """The FCs and steps after a head's first FC, for as long as each tensor
     has one consumer; records where and why it stopped."""
@@ -159,7 +168,7 @@ def _chain(ctx: Context, fc: FC, spatial: int, head_no: int, layers: list, stops
                 raise Fc2ConvError(f"FC {nfc.name!r} has weight K={nfc.k}, but its input {t!r} has {m} features: "
                                    "the model is inconsistent")
             layers.append(Layer(nfc.name, nfc.op, "chain", [fmt_shape(ctx.shape(t))[0] if ctx.shape(t) else "?", m],
-                                "-", True, None, [1] * spatial, m, nfc.m, head_no))
+                                "-", True, None, [1] * spatial, m, nfc.m, head_no, _conv_op(nfc)))
             items.append(nfc)
             t, m = nfc.output, nfc.m
             continue
