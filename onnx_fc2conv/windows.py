@@ -254,10 +254,12 @@ def check_dense(original: onnx.ModelProto, converted, *, provider="cpu", atol=No
 def _shift_check(original, s_dense, plan, in_infos, native_shapes, out_types, rng, add, errors, notes) -> int:
     """Compare dense(x[s:]) with dense(x[:-s]) shifted by one position, per
     image input axis and map stride; returns the number of dense runs."""
-    kept = list(getattr(plan, "kept_global", ()) or ())
+    kept = list(plan.kept_global)
     if kept:
         op_of = {n.name: n.op_type for n in original.graph.node}
-        named = ", ".join(f"{op_of[k]} {k!r}" if k in op_of else repr(k) for k in kept)
+        named = ", ".join(f"{op_of[k]} {k!r}" if k in op_of else repr(k) for k in kept[:3])
+        if len(kept) > 3:
+            named = f"{len(kept)} pools ({named} and {len(kept) - 3} more)"
         notes.append(f"SKIPPED  translation equivariance: does not apply, the trunk keeps {named} global over "
                      "the whole input (--keep-global-pools), so every position depends on the whole image by design")
         return 0
