@@ -74,3 +74,17 @@ def assert_converts(model: onnx.ModelProto, *, convs: int, fcs_left: int = 0, ba
         scale = max(1.0, float(np.max(np.abs(e.astype(np.float64))))) if e.size else 1.0
         np.testing.assert_allclose(a.astype(np.float64), e.astype(np.float64), rtol=rtol, atol=atol * scale)
     return result
+
+
+def external_data_model(folder, name: str, location: str):
+    """``(path, twin)``: a head model saved in ``folder`` with its weights in the
+    data file ``location`` (as the dynamo exporter writes), and its in-memory
+    twin (onnx strips the weights from the model it saves)."""
+    from builders import head_model
+
+    folder.mkdir()
+    twin = head_model(feature_shape=(8, 4, 4), m1=32, fc="gemm_tb1")
+    onnx.save_model(head_model(feature_shape=(8, 4, 4), m1=32, fc="gemm_tb1"), folder / name,
+                    save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+                    size_threshold=256)
+    return folder / name, twin

@@ -12,8 +12,7 @@ import pytest
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 import onnx_fc2conv
-from builders import head_model
-from helpers import feeds_for, run
+from helpers import feeds_for, run, external_data_model
 from onnx_fc2conv import Fc2ConvError, extdata, graph
 from onnx_fc2conv import load as load_mod
 
@@ -274,13 +273,7 @@ def test_cycle_is_not_a_constant(counted):
 @pytest.fixture
 def external_src(tmp_path):
     """(path of a model whose weights are in w.data, its in-memory twin)."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    twin = head_model(feature_shape=(8, 4, 4), m1=32, fc="gemm_tb1")
-    onnx.save_model(head_model(feature_shape=(8, 4, 4), m1=32, fc="gemm_tb1"), folder / "m.onnx",
-                    save_as_external_data=True, all_tensors_to_one_file=True, location="w.data",
-                    size_threshold=256)
-    return folder / "m.onnx", twin
+    return external_data_model(tmp_path / "in", "m.onnx", "w.data")
 
 
 def _header(path) -> onnx.ModelProto:

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from builders import head_model
-from helpers import feeds_for, run
+from helpers import feeds_for, run, external_data_model
 from onnx_fc2conv import check, cli, convert, save
 from onnx_fc2conv.save import estimated_size
 
@@ -23,13 +23,7 @@ def sha(p: Path) -> str:
 @pytest.fixture
 def external_model(tmp_path):
     """A model whose weights live in model.onnx.data, as the dynamo exporter writes."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    m = head_model(feature_shape=(8, 4, 4), m1=32, fc="gemm_tb1")
-    onnx.save_model(head_model(feature_shape=(8, 4, 4), m1=32, fc="gemm_tb1"), folder / "model.onnx",
-                    save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data",
-                    size_threshold=256)  # onnx strips the weights from the model it saves: save a twin
-    return folder / "model.onnx", m
+    return external_data_model(tmp_path / "in", "model.onnx", "model.onnx.data")
 
 
 def _locations(path):
