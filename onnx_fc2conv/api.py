@@ -12,6 +12,7 @@ import onnx
 from . import dense as dense_mod, find, load as load_mod, plan as plan_mod, rewrite, shapes as shapes_mod, verify
 from .errors import Fc2ConvError
 from .find import Layer
+from .geometry import MapGeometry
 from .graph import GraphIndex
 from .rules import Context
 
@@ -29,6 +30,11 @@ class ConversionResult:
     input_shapes: dict = field(default_factory=dict)
     geometry: list = field(default_factory=list)   # dense mode: one entry per head
     original_io: onnx.ModelProto | None = None     # the original's inputs, outputs and initializer names
+
+    @property
+    def maps(self) -> list:
+        """``geometry`` typed: one ``geometry.MapGeometry`` per head."""
+        return [MapGeometry.from_dict(g) for g in self.geometry]
 
     @property
     def converted(self) -> int:

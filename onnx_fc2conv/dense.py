@@ -34,7 +34,7 @@ from .find import Head, Layer
 from .rules import Context, Refusal
 from .rules.collapse import WINDOWED_POOL, covers, head_pool, pooled_map
 from .rules.steps import match_step
-from .geometry import pooled_segment, trace
+from .geometry import MapAxis, MapGeometry, pooled_segment, trace
 from .graph import GraphIndex, node_key, node_label
 from .shapes import TensorInfo
 
@@ -58,17 +58,14 @@ class DenseHead:
     # native size (dynamo's as_strided): Gather nodes that become Identity
     segment_views: tuple = ()
 
+    def map_geometry(self) -> MapGeometry:
+        axes = tuple(MapAxis(a.input, a.input_axis, a.stride, a.receptive_field + (h - 1) * a.stride, a.offset, h)
+                     for a, h in zip(self.geometry, self.window))
+        return MapGeometry(tuple(self.outputs), axes, self.source, tuple(self.window),
+                           any(a.padded for a in self.geometry))
+
     def geometry_dict(self) -> dict:
-        axes = []
-        for a, h in zip(self.geometry, self.window):
-            d = a.to_dict()
-            d["receptive_field"] = a.receptive_field + (h - 1) * a.stride
-            d["window"] = h
-            axes.append(d)
-        return {"outputs": list(self.outputs), "window_source": self.source, "window": list(self.window),
-                "axes": axes, "padded": any(a.padded for a in self.geometry),
-                "box": "position p along an axis covers input pixels [offset + p*stride, "
-                       "offset + p*stride + receptive_field - 1]"}
+        return self.map_geometry().to_dict()
 
 
 @dataclass

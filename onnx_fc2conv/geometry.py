@@ -51,6 +51,71 @@ class Axis:
                 "receptive_field": self.receptive_field, "offset": self.offset}
 
 
+@dataclass(frozen=True)
+class MapAxis:
+    """One spatial axis of a score map, in input pixels: position ``p`` sees
+    pixels ``[offset + p*stride, offset + p*stride + receptive_field - 1]``
+    of input axis ``input_axis`` of ``input``. ``window`` is the head's
+    window on the trunk map (None for a model that was dense already);
+    ``plain_stride`` the trunk's stride where ``--dense-stride`` made the map
+    finer (None otherwise)."""
+    input: str
+    input_axis: int
+    stride: int
+    receptive_field: int
+    offset: int
+    window: int | None = None
+    plain_stride: int | None = None
+
+    @property
+    def trunk_stride(self) -> int:
+        """The stride of the trunk (the plain map's stride under à trous)."""
+        return self.plain_stride if self.plain_stride is not None else self.stride
+
+    def to_dict(self) -> dict:
+        d = {"input": self.input, "input_axis": self.input_axis, "stride": self.stride,
+             "receptive_field": self.receptive_field, "offset": self.offset, "window": self.window}
+        if self.plain_stride is not None:
+            d["plain_stride"] = self.plain_stride
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MapAxis":
+        return cls(d["input"], int(d["input_axis"]), int(d["stride"]), int(d["receptive_field"]),
+                   int(d["offset"]), d.get("window"), d.get("plain_stride"))
+
+
+BOX = ("position p along an axis covers input pixels [offset + p*stride, "
+       "offset + p*stride + receptive_field - 1]")
+
+
+@dataclass(frozen=True)
+class MapGeometry:
+    """Where the score maps of one head look in the input: typed inside the
+    package; ``to_dict()`` is the form of reports and JSON
+    (``ConversionResult.geometry``)."""
+    outputs: tuple
+    axes: tuple                    # MapAxis per spatial axis of the map
+    window_source: str | None = None
+    window: tuple | None = None
+    padded: bool = False
+    dense_stride: int | None = None
+
+    def to_dict(self) -> dict:
+        d = {"outputs": list(self.outputs), "window_source": self.window_source,
+             "window": list(self.window) if self.window is not None else None,
+             "axes": [a.to_dict() for a in self.axes], "padded": self.padded, "box": BOX}
+        if self.dense_stride is not None:
+            d["dense_stride"] = self.dense_stride
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MapGeometry":
+        return cls(tuple(d["outputs"]), tuple(MapAxis.from_dict(a) for a in d["axes"]), d.get("window_source"),
+                   tuple(d["window"]) if d.get("window") is not None else None, bool(d.get("padded", False)),
+                   d.get("dense_stride"))
+
+
 def compose(layers, start: Axis) -> Axis:
     """Apply ``(kernel, stride, pad_begin, dilation)`` layers in order."""
     a = start
