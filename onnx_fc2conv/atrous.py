@@ -48,12 +48,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import ops
 from .errors import Fc2ConvError
 from .graph import GraphIndex, attr, is_default, node_label
 
 log = logging.getLogger(__name__)
 
-WINDOWED = ("Conv", "MaxPool", "AveragePool", "LpPool")
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
 
 
@@ -145,7 +145,7 @@ def apply(model: onnx.ModelProto, geometry: list | None, dense_stride: int, *, i
         op = node.op_type
         if not j_in:
             new_nodes.append(node)
-        elif op in WINDOWED and is_default(node):
+        elif op in ops.WINDOWED_FLOAT and is_default(node):
             new_nodes.extend(_windowed(node, j_in, jumps.get(node.output[0], {}), s, opset, idx, infos, fine,
                                        new_inits))
         elif not any(j > s for j in j_in.values()):
@@ -174,7 +174,7 @@ def _expressible(model: onnx.ModelProto, jumps: dict, geometry: list, s: int) ->
         return j % d == 0 or d % j == 0
 
     for node in model.graph.node:
-        if node.op_type not in WINDOWED or not node.output or node.output[0] not in jumps:
+        if node.op_type not in ops.WINDOWED_FLOAT or not node.output or node.output[0] not in jumps:
             continue
         bad = [j for j in jumps[node.output[0]].values() if not fits(j, s)]
         if bad:

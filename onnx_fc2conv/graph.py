@@ -14,40 +14,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-# Ops whose output is a pure function of their inputs and attributes: a node
-# of these with constant inputs is a constant expression we may evaluate.
-# DequantizeLinear is not one of them: an integer weight is read as integers
-# by the quantized FC kinds (quant.py) and stays an integer initializer;
-# folding it would turn it into a float constant, silently.
-FOLDABLE = frozenset({
-    "Identity", "Reshape", "Transpose", "Cast", "Squeeze", "Unsqueeze", "Flatten",
-    "Concat", "Gather", "Slice", "ConstantOfShape", "Shape", "Size", "Expand", "Tile",
-    "Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Reciprocal", "Pow", "Abs",
-    "Range", "Equal", "Where", "ReduceProd", "ReduceSum", "Min", "Max",
-    "CastLike", "Split",
-})
+from .ops import DEFAULT_DOMAINS, FOLDABLE, attr, is_default  # noqa: F401 (attr, is_default: read as graph.*)
 
 # Constant expressions larger than this many nodes are not evaluated.
 _MAX_FOLD_NODES = 64
 
 
-def attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def node_label(node: onnx.NodeProto) -> str:
     return node.name or (node.output[0] if node.output else node.op_type)
-
-
-DEFAULT_DOMAINS = ("", "ai.onnx")
-
-
-def is_default(node: onnx.NodeProto) -> bool:
-    """The node is a standard ONNX op (not a custom domain's)."""
-    return node.domain in DEFAULT_DOMAINS
 
 
 def node_key(node: onnx.NodeProto) -> str:

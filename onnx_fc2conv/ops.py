@@ -21,13 +21,45 @@ The facts, by kind:
 - ``GLOBAL_POOLS``: pools over the whole map: never per position.
 - layout ops (Transpose, Reshape, Squeeze, Unsqueeze, Flatten, Slice, Gather,
   Pad, Shape) are handled by geometry.py, which maps their axes.
+- the rest of what the rules ask of an op by name: which reshapes a collapse
+  or a chain may hold (``RESHAPE_LIKE``, ``NOOP_RESHAPES``), which ops act
+  along the class axis (``CLASS_AXIS``, ``AFTER_HEAD``, ``CLASS_LAST``,
+  :func:`flattens`), the windowed pool a whole-map pool becomes
+  (``WINDOWED_POOL``), which ops a constant may be folded through
+  (``FOLDABLE``), the domains (:func:`is_default`, ``QUANT_DOMAINS``).
+
+This module imports nothing of the package: every other module may read it.
 """
 
 from __future__ import annotations
 
 import onnx
+from onnx import helper
 
-from .graph import attr, is_default  # noqa: F401 (is_default: read as ops.is_default)
+DEFAULT_DOMAINS = ("", "ai.onnx")
+MS_DOMAIN = "com.microsoft"
+# the domains of the quantized ops a quantized FC is made of (onnxruntime's contrib ops too)
+QUANT_DOMAINS = DEFAULT_DOMAINS + (MS_DOMAIN,)
+# the com.microsoft ops a quantized FC may be made of
+QUANT_CUSTOM_OPS = frozenset({"QGemm", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """The value of a node's attribute, or ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def is_default(node: onnx.NodeProto) -> bool:
+    """The node is a standard ONNX op (not a custom domain's)."""
+    return node.domain in DEFAULT_DOMAINS
+
+
+def is_quant_op(node: onnx.NodeProto, op: str) -> bool:
+    """``node`` is ``op`` in a domain whose quantized ops we read (ai.onnx or com.microsoft)."""
+    return node.op_type == op and node.domain in QUANT_DOMAINS
 
 POINTWISE = frozenset({
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Gelu",
@@ -46,6 +78,8 @@ BROADCAST = frozenset({
 })
 PER_CHANNEL = frozenset({"BatchNormalization"})
 WINDOWED = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool", "QLinearConv", "ConvInteger"})
+# the float windowed ops, whose strides, pads and dilations the à trous rewrite (atrous.py) changes
+WINDOWED_FLOAT = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})
 GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
                      "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"})
@@ -53,6 +87,53 @@ REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "Reduc
 AXIS_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "CumSum", "TopK", "ArgMax",
                       "ArgMin", "LayerNormalization", "MeanVarianceNormalization", "InstanceNormalization",
                       "GroupNormalization", "LRN", "Concat", "Split", "MatMul"}) | REDUCES
+
+
+# reshapes that keep row-major order: a collapse may hold any chain of them
+RESHAPE_LIKE = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout"})
+# reshapes that may be a no-op on [N, M] features (a chain step then)
+NOOP_RESHAPES = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity"})
+# broadcast ops whose extra inputs may be non-constant scalars
+SCALAR_EXTRAS = frozenset({"Clip", "Dropout"})
+# quantizers: element-wise per tensor only (scalar scale and zero point)
+QUANTIZE = frozenset({"QuantizeLinear", "DequantizeLinear"})
+SOFTMAX_LIKE = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
+# ops that may act along the class axis of [N, M] scores
+CLASS_AXIS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin", "LpNormalization",
+                        "LayerNormalization"})
+# ops along the class axis that end a classifier: they stay after the head in
+# keep mode (where they see [N, M] again) and join only the dense tail
+AFTER_HEAD = frozenset({"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin"})
+# ops that act from their axis to the last one at every opset
+CLASS_LAST = frozenset({"LayerNormalization"})
+# the windowed pool each whole-map pool becomes in dense mode
+WINDOWED_POOL = {"GlobalAveragePool": "AveragePool", "ReduceMean": "AveragePool", "AveragePool": "AveragePool",
+                 "GlobalMaxPool": "MaxPool", "ReduceMax": "MaxPool", "MaxPool": "MaxPool"}
+# Ops whose output is a pure function of their inputs and attributes: a node
+# of these with constant inputs is a constant expression we may evaluate.
+# DequantizeLinear is not one of them: an integer weight is read as integers
+# by the quantized FC kinds (rules/quant.py) and stays an integer initializer;
+# folding it would turn it into a float constant, silently.
+FOLDABLE = frozenset({
+    "Identity", "Reshape", "Transpose", "Cast", "Squeeze", "Unsqueeze", "Flatten",
+    "Concat", "Gather", "Slice", "ConstantOfShape", "Shape", "Size", "Expand", "Tile",
+    "Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Reciprocal", "Pow", "Abs",
+    "Range", "Equal", "Where", "ReduceProd", "ReduceSum", "Min", "Max",
+    "CastLike", "Split",
+})
+
+
+def flattens(op: str, opset: int) -> bool:
+    """Softmax, LogSoftmax and Hardmax below opset 13 (and QLinearSoftmax of
+    such an opset) flatten ``[axis:]`` into one dimension: they act from
+    their axis to the last one."""
+    return op in SOFTMAX_LIKE | {"QLinearSoftmax"} and opset < 13
+
+
+def acts_to_last(op: str, opset: int) -> bool:
+    """The op acts from its axis to the last: to act along the class axis
+    alone, the class axis must be made last (steps.emit)."""
+    return op in CLASS_LAST or flattens(op, opset)
 
 
 def norm_axes(axes, rank: int) -> set[int]:
@@ -75,8 +156,8 @@ def acted_axes(node: onnx.NodeProto, rank: int, opset: int, value) -> set[int] |
     op = node.op_type
     if op == "QLinearSoftmax":  # com.microsoft: a Softmax of the opset its attribute names
         op, opset = "Softmax", int(attr(node, "opset", opset))
-    if op in ("Softmax", "LogSoftmax", "Hardmax"):
-        if opset < 13:  # flattens [axis:] into one dimension
+    if op in SOFTMAX_LIKE:
+        if flattens(op, opset):
             axis = int(attr(node, "axis", 1)) % rank
             return set(range(axis, rank))
         return norm_axes([attr(node, "axis", -1)], rank)

@@ -14,6 +14,7 @@ from onnx import helper
 from . import kernels
 from .find import FC, Head, item_nodes
 from .graph import GraphIndex, node_key
+from .rules import quant
 from .rules.steps import emit
 
 
@@ -191,8 +192,6 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
         if isinstance(item, FC):
             key, fshape, perm = keys[item.output]
             if item.quant is not None:  # integer kernel and its quantized op (quant.py)
-                from . import quant
-
                 out = item.output if dh is not None else namer(f"{item.output}_conv")
                 strides = [int(fshape[1])] + [1] * (spatial - 1) if fold and first_conv else None
                 new_nodes, new_inits = quant.emit(item, x, out, idx, namer, kernel_cache, fshape, perm, strides,

@@ -23,14 +23,10 @@ import numpy as np
 import onnx
 
 from .. import ops
-from ..graph import FOLDABLE, attr, node_label, run_nodes
+from ..graph import attr, node_label, run_nodes
+from ..ops import RESHAPE_LIKE, WINDOWED_POOL  # noqa: F401 (WINDOWED_POOL: dense.py)
 from . import Context, Refusal
-from .steps import AFTER_HEAD, CLASS_AXIS, describe, match_step
-
-RESHAPE_LIKE = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout"})
-# the windowed pool each whole-map pool becomes in dense mode
-WINDOWED_POOL = {"GlobalAveragePool": "AveragePool", "ReduceMean": "AveragePool", "AveragePool": "AveragePool",
-                 "GlobalMaxPool": "MaxPool", "ReduceMax": "MaxPool", "MaxPool": "MaxPool"}
+from .steps import describe, match_step
 
 
 @dataclass(frozen=True)
@@ -243,7 +239,7 @@ def _per_position(node: onnx.NodeProto, data: str, ctx: Context) -> bool:
     if op in ops.POINTWISE or op in ops.BROADCAST or op in ops.PER_CHANNEL:
         return True
     shape = ctx.shape(data)
-    if op not in CLASS_AXIS or op in AFTER_HEAD or not _vector(shape):
+    if op not in ops.CLASS_AXIS or op in ops.AFTER_HEAD or not _vector(shape):
         return False
     acted = ops.acted_axes(node, len(shape), ctx.idx.opset, ctx.idx.value)
     wide = {i for i, d in enumerate(shape) if i > 0 and d != 1}
@@ -388,7 +384,7 @@ def eval_shape_tensor(ctx: Context, name: str, b: int, batch_sym) -> np.ndarray:
             start, end = attr(node, "start", 0), attr(node, "end", None)
             feeds[node.output[0]] = full[start:end]
             continue
-        if node.op_type not in FOLDABLE or not ops.is_default(node) or len(nodes) > 64:
+        if node.op_type not in ops.FOLDABLE or not ops.is_default(node) or len(nodes) > 64:
             raise _Unknown(f"the reshape shape {name!r} is computed by {node.op_type} {node_label(node)!r}")
         nodes.append(node)
         stack.extend(node.input)

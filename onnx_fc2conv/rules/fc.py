@@ -3,7 +3,7 @@
 - ``Gemm`` (transA = 0), ``Y = alpha * A @ B' + beta * C``, B constant 2-D;
 - ``MatMul`` with a constant 2-D weight, plus an optional ``Add`` of a
   constant per-feature bias on either side;
-- quantized FCs (quant.py): QDQ ``Gemm``/``MatMul`` whose weight is a
+- quantized FCs (rules/quant.py): QDQ ``Gemm``/``MatMul`` whose weight is a
   ``DequantizeLinear`` of integers, ``QLinearMatMul``, com.microsoft
   ``QGemm``, ``MatMulInteger``. They come first: a quantized weight is never
   read as a float constant.
@@ -16,31 +16,12 @@ refuses an FC whose dtype Conv does not take at the model's opset.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import onnx
 
-from .. import kernels, ops, quant as q
+from .. import kernels, ops
 from ..graph import attr, node_label
-from . import Context, Refusal
-
-
-@dataclass(frozen=True)
-class FC:
-    """One FC layer, normalised: ``Y = alpha * A @ B' + beta * C``."""
-    name: str
-    op: str                      # "Gemm", "MatMul", "MatMul+Add"
-    nodes: tuple                 # the nodes it replaces
-    input: str
-    output: str
-    weight: str                  # tensor name of B
-    trans_b: bool
-    alpha: float
-    beta: float
-    bias: str | None             # tensor name of C or of the Add's constant
-    m: int
-    k: int
-    quant: object | None = None  # quant.Quant: how a quantized FC is quantized (None: a float FC)
+from . import FC, Context, Refusal
+from . import quant as q
 
 
 def conv_types(opset: int) -> set[int]:
@@ -114,32 +95,13 @@ def bias_add(node: onnx.NodeProto, m: int, ctx: Context) -> tuple:
     return (node,), node.output[0], None
 
 
-def qdq(node: onnx.NodeProto, ctx: Context) -> FC | Refusal | None | bool:
-    """Gemm/MatMul with a DequantizeLinear'd integer weight (QDQ format)."""
-    return q.match_qdq(node, ctx)
-
-
-def qlinear_matmul(node: onnx.NodeProto, ctx: Context) -> FC | Refusal | None:
-    """QLinearMatMul with a constant integer weight (+ its QLinearAdd)."""
-    return q.match_qlinear_matmul(node, ctx)
-
-
-def qgemm(node: onnx.NodeProto, ctx: Context) -> FC | Refusal | None:
-    """com.microsoft QGemm with a constant integer weight."""
-    return q.match_qgemm(node, ctx)
-
-
-def matmul_integer(node: onnx.NodeProto, ctx: Context) -> FC | Refusal | None | bool:
-    """DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (dynamic quantization)."""
-    return q.match_matmul_integer(node, ctx)
-
-
-KINDS = (qdq, qlinear_matmul, qgemm, matmul_integer, gemm, matmul)
+# quantized kinds first (rules/quant.py): a quantized weight is never read as a float constant
+KINDS = (q.match_qdq, q.match_qlinear_matmul, q.match_qgemm, q.match_matmul_integer, gemm, matmul)
 
 
 def match_fc(node: onnx.NodeProto, ctx: Context) -> FC | Refusal | None:
     """An FC, a Refusal (an FC we will not convert), or None (not an FC)."""
-    if not ops.is_default(node) and not (node.domain == "com.microsoft" and node.op_type in q.CUSTOM_OPS):
+    if not ops.is_default(node) and not (node.domain == ops.MS_DOMAIN and node.op_type in ops.QUANT_CUSTOM_OPS):
         return None
     for kind in KINDS:
         found = kind(node, ctx)

@@ -30,19 +30,8 @@ from onnx import helper
 
 from .. import kernels, ops
 from ..graph import attr, node_label
+from ..ops import AFTER_HEAD, CLASS_AXIS, NOOP_RESHAPES, QUANTIZE, SCALAR_EXTRAS  # noqa: F401 (AFTER_HEAD: find.py)
 from . import Context, Refusal
-
-NOOP_RESHAPES = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity"})
-SCALAR_EXTRAS = frozenset({"Clip", "Dropout"})   # extra inputs that may be non-constant scalars
-CLASS_AXIS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin", "LpNormalization",
-                        "LayerNormalization"})
-# ops along the class axis that end a classifier: they stay after the head in
-# keep mode (where they see [N, M] again) and join only the dense tail
-AFTER_HEAD = frozenset({"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin"})
-QUANTIZE = frozenset({"QuantizeLinear", "DequantizeLinear"})   # per tensor only (scalar scale, zero point)
-FLATTENING_BELOW_13 = frozenset({"Softmax", "LogSoftmax", "Hardmax", "QLinearSoftmax"})
-# ops that act from their axis to the last one: the class axis must be last
-CLASS_LAST = frozenset({"LayerNormalization"})
 
 
 @dataclass(frozen=True)
@@ -64,7 +53,7 @@ def match_step(node: onnx.NodeProto, t: str, m: int, spatial_rank: int, ctx: Con
     op = node.op_type
     what = "scores" if classes else "features"
     data = list(node.input).index(t)
-    if classes and (node.domain, op) == ("com.microsoft", "QLinearSoftmax") and data == 0 \
+    if classes and (node.domain, op) == (ops.MS_DOMAIN, "QLinearSoftmax") and data == 0 \
             and all(idx.value(i) is not None and idx.value(i).size == 1 for i in node.input[1:] if i):
         pass  # onnxruntime's quantized Softmax, per-tensor scales: along the class axis, checked below
     elif not ops.is_default(node):
@@ -140,7 +129,7 @@ def emit(step: Step, x: str, out: str, namer, spatial: int, opset: int, *, dense
             new.attribute.remove(a)
     if node.op_type == "QLinearSoftmax":
         opset = int(attr(node, "opset", opset))
-    if node.op_type in CLASS_LAST or (node.op_type in FLATTENING_BELOW_13 and opset < 13):
+    if ops.acts_to_last(node.op_type, opset):
         rank = 2 + spatial
         to_last = [0] + list(range(2, rank)) + [1]
         back = [0, rank - 1] + list(range(1, rank - 1))

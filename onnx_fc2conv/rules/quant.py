@@ -39,55 +39,18 @@ it; the FC op itself then answers ``False`` ("matched from another node").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 from onnx import helper
 
-from . import kernels
-from .graph import attr, is_default, node_label
-from .rules import Context, Refusal
+from .. import kernels, ops
+from ..errors import Fc2ConvError
+from ..graph import attr, node_label
+from . import FC, Context, Dequant, Quant, Refusal
 
-QUANT_DOMAINS = ("", "ai.onnx", "com.microsoft")
-# the com.microsoft ops a quantized FC may be made of
-CUSTOM_OPS = frozenset({"QGemm", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 # integer types whose weights and biases are carried as they are
 INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
                  onnx.TensorProto.INT32}
-
-
-@dataclass(frozen=True)
-class Dequant:
-    """``DequantizeLinear(q, scale, zero_point)`` of a constant integer tensor."""
-    node: onnx.NodeProto
-    q: str                       # the integer tensor
-    shape: tuple
-    axis: int | None             # the axis of a per-axis scale (non-negative), None per tensor
-    float_type: int              # the dequantized values' type (the scale's)
-
-
-@dataclass(frozen=True)
-class Quant:
-    """How an FC is quantized (``FC.quant``); plan.py hands it to :func:`emit`."""
-    format: str                  # "qdq", "qlinear", "qgemm", "integer"
-    pre: tuple = ()              # the activation quantizer nodes in front (re-emitted on the map)
-    weight: Dequant | None = None   # QDQ: the weight's DequantizeLinear
-    bias: str | None = None      # QDQ/QGemm: the bias tensor (the Conv's or QLinearConv's)
-    post: tuple = ()             # nodes after the product, re-emitted on the map (Q, DQ, Add; QLinearAdd; Cast, Mul)
-    post_consts: tuple = ()      # (post node index, input index): per-feature constants to reshape to [M, 1, ...]
-    scales: tuple = ()           # QOperator: the op's inputs (x scale, x zp, w scale, w zp, y scale, y zp)
-    float_type: int | None = None   # QDQ: the dequantized type (for Conv's type check)
-
-
-def _fc(**kw):
-    from .rules.fc import FC  # rules/fc.py imports this module: no import at load time
-
-    return FC(**kw)
-
-
-def is_quant_op(node: onnx.NodeProto, op: str) -> bool:
-    return node.op_type == op and node.domain in QUANT_DOMAINS
 
 
 def per_tensor(ctx: Context, node: onnx.NodeProto) -> bool:
@@ -105,7 +68,7 @@ def per_tensor(ctx: Context, node: onnx.NodeProto) -> bool:
 
 def _only(ctx: Context, name: str, op: str) -> onnx.NodeProto | None:
     n = ctx.idx.only_consumer(name)
-    return n if n is not None and is_quant_op(n, op) else None
+    return n if n is not None and ops.is_quant_op(n, op) else None
 
 
 def dequant(ctx: Context, name: str) -> Dequant | Refusal | None:
@@ -113,7 +76,7 @@ def dequant(ctx: Context, name: str) -> Dequant | Refusal | None:
     when it is one the rewrite cannot carry, or None when it is not one."""
     idx = ctx.idx
     node = idx.producer.get(name)
-    if node is None or not is_quant_op(node, "DequantizeLinear"):
+    if node is None or not ops.is_quant_op(node, "DequantizeLinear"):
         return None
     q = node.input[0]
     shape = idx.const_shape(q)
@@ -144,10 +107,10 @@ def _pair_before(ctx: Context, name: str):
     ``name`` for it alone, or None."""
     idx = ctx.idx
     dq = idx.producer.get(name)
-    if dq is None or not is_quant_op(dq, "DequantizeLinear") or idx.uses(name) != 1:
+    if dq is None or not ops.is_quant_op(dq, "DequantizeLinear") or idx.uses(name) != 1:
         return None
     q = idx.producer.get(dq.input[0])
-    if q is None or not is_quant_op(q, "QuantizeLinear") or idx.uses(dq.input[0]) != 1:
+    if q is None or not ops.is_quant_op(q, "QuantizeLinear") or idx.uses(dq.input[0]) != 1:
         return None
     if not (per_tensor(ctx, q) and per_tensor(ctx, dq)) or any(o and idx.uses(o) for o in q.output[1:]):
         return None
@@ -171,10 +134,10 @@ def _pair_after(ctx: Context, name: str):
 def match_qdq(node: onnx.NodeProto, ctx: Context):
     """A Gemm/MatMul with a DequantizeLinear'd integer weight (from the
     QuantizeLinear of its input pair, if it has one)."""
-    if is_quant_op(node, "QuantizeLinear"):
+    if ops.is_quant_op(node, "QuantizeLinear"):
         dq = _only(ctx, node.output[0], "DequantizeLinear")
         op = ctx.idx.only_consumer(dq.output[0]) if dq is not None else None
-        if op is None or op.op_type not in ("Gemm", "MatMul") or not is_default(op) \
+        if op is None or op.op_type not in ("Gemm", "MatMul") or not ops.is_default(op) \
                 or op.input[0] != dq.output[0] or _pair_before(ctx, op.input[0]) != (node, dq):
             return None
         found = _qdq(op, ctx, (node, dq))
@@ -265,13 +228,13 @@ def _qdq(node: onnx.NodeProto, ctx: Context, pre: tuple):
                 nodes, out, op = nodes + post, add.output[0], "QDQ MatMul+Q/DQ+Add"
                 consts = ((2, list(add.input).index(_other(add, pair[1].output[0]))),)
     quant = Quant("qdq", pre, w, bias, post, consts, float_type=w.float_type)
-    return _fc(name=node_label(node), op=op, nodes=nodes, input=a, output=out, weight=w.q, trans_b=trans_b,
+    return FC(name=node_label(node), op=op, nodes=nodes, input=a, output=out, weight=w.q, trans_b=trans_b,
                alpha=1.0, beta=1.0, bias=bias, m=m, k=k, quant=quant)
 
 
 def _only_add(ctx: Context, name: str) -> onnx.NodeProto | None:
     add = ctx.idx.only_consumer(name)
-    if add is None or add.op_type != "Add" or not is_default(add) or name in ctx.idx.outputs:
+    if add is None or add.op_type != "Add" or not ops.is_default(add) or name in ctx.idx.outputs:
         return None
     return add
 
@@ -283,7 +246,7 @@ def _other(node: onnx.NodeProto, name: str) -> str:
 # -- QOperator ----------------------------------------------------------------
 
 def match_qlinear_matmul(node: onnx.NodeProto, ctx: Context):
-    if not is_quant_op(node, "QLinearMatMul") or node.domain == "com.microsoft":
+    if not ops.is_quant_op(node, "QLinearMatMul") or node.domain == ops.MS_DOMAIN:
         return None
     idx = ctx.idx
     if len(node.input) < 8:
@@ -302,7 +265,7 @@ def match_qlinear_matmul(node: onnx.NodeProto, ctx: Context):
         return refusal
     nodes, out, post, consts, op = (node,), node.output[0], (), (), "QLinearMatMul"
     add = idx.only_consumer(out)
-    if add is not None and is_quant_op(add, "QLinearAdd") and len(add.input) >= 8 and out not in idx.outputs:
+    if add is not None and ops.is_quant_op(add, "QLinearAdd") and len(add.input) >= 8 and out not in idx.outputs:
         data = 0 if add.input[0] == out else 3
         other = 3 - data
         v = idx.value(add.input[other])
@@ -314,12 +277,12 @@ def match_qlinear_matmul(node: onnx.NodeProto, ctx: Context):
             except kernels.NotPerFeature:
                 pass
     quant = Quant("qlinear", (), None, None, post, consts, tuple(node.input[i] for i in (1, 2, 4, 5, 6, 7)))
-    return _fc(name=node_label(node), op=op, nodes=nodes, input=node.input[0], output=out, weight=node.input[3],
+    return FC(name=node_label(node), op=op, nodes=nodes, input=node.input[0], output=out, weight=node.input[3],
                trans_b=False, alpha=1.0, beta=1.0, bias=None, m=m, k=k, quant=quant)
 
 
 def match_qgemm(node: onnx.NodeProto, ctx: Context):
-    if node.op_type != "QGemm" or node.domain != "com.microsoft":
+    if node.op_type != "QGemm" or node.domain != ops.MS_DOMAIN:
         return None
     idx = ctx.idx
     wshape = idx.const_shape(node.input[3]) if len(node.input) > 3 else None
@@ -352,7 +315,7 @@ def match_qgemm(node: onnx.NodeProto, ctx: Context):
         except kernels.NotPerFeature as exc:
             return Refusal(f"its {exc}", node)
     quant = Quant("qgemm", (), None, bias, (), (), tuple(node.input[i] for i in (1, 2, 4, 5, 7, 8)))
-    return _fc(name=node_label(node), op="QGemm", nodes=(node,), input=node.input[0], output=node.output[0],
+    return FC(name=node_label(node), op="QGemm", nodes=(node,), input=node.input[0], output=node.output[0],
                weight=node.input[3], trans_b=trans_b, alpha=1.0, beta=1.0, bias=bias, m=m, k=k, quant=quant)
 
 
@@ -389,13 +352,13 @@ def _qop_scales(ctx: Context, node, act: list, weight: list, m: int) -> Refusal 
 def match_matmul_integer(node: onnx.NodeProto, ctx: Context):
     """``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(sx * sw) [-> Add]``,
     matched from the DynamicQuantizeLinear."""
-    if is_quant_op(node, "DynamicQuantizeLinear"):
+    if ops.is_quant_op(node, "DynamicQuantizeLinear"):
         op = ctx.idx.only_consumer(node.output[0])
-        if op is None or not is_quant_op(op, "MatMulInteger"):
+        if op is None or not ops.is_quant_op(op, "MatMulInteger"):
             return None
         found = _integer(op, ctx)
         return found if not isinstance(found, Refusal) else None
-    if not is_quant_op(node, "MatMulInteger"):
+    if not ops.is_quant_op(node, "MatMulInteger"):
         return None
     if len(node.input) < 2 or ctx.idx.const_shape(node.input[1]) is None:
         return None
@@ -410,7 +373,7 @@ def _integer(node: onnx.NodeProto, ctx: Context):
         return Refusal(f"its weight {node.input[1]!r} is not a constant matrix", node)
     k, m = wshape
     dql = idx.producer.get(node.input[0])
-    if dql is None or not is_quant_op(dql, "DynamicQuantizeLinear") or len(node.input) < 3 \
+    if dql is None or not ops.is_quant_op(dql, "DynamicQuantizeLinear") or len(node.input) < 3 \
             or node.input[2] != dql.output[2] or idx.uses(dql.output[0]) != 1 or idx.uses(dql.output[2]) != 1:
         return Refusal("its input is not quantized by a DynamicQuantizeLinear of its own", node)
     rank = ctx.rank(dql.input[0])
@@ -427,7 +390,7 @@ def _integer(node: onnx.NodeProto, ctx: Context):
     if cast is None:
         return Refusal("its int32 output is not dequantized by Cast -> Mul(scale)", node)
     mul = idx.only_consumer(cast.output[0])
-    if mul is None or mul.op_type != "Mul" or not is_default(mul):
+    if mul is None or mul.op_type != "Mul" or not ops.is_default(mul):
         return Refusal("its int32 output is not dequantized by Cast -> Mul(scale)", node)
     scale = _other(mul, cast.output[0])
     smul = idx.producer.get(scale)
@@ -452,7 +415,7 @@ def _integer(node: onnx.NodeProto, ctx: Context):
             except kernels.NotPerFeature:
                 pass
     quant = Quant("integer", (dql,), None, None, post, consts)
-    return _fc(name=node_label(node), op=op, nodes=(dql, node) + post, input=dql.input[0], output=out,
+    return FC(name=node_label(node), op=op, nodes=(dql, node) + post, input=dql.input[0], output=out,
                weight=node.input[1], trans_b=False, alpha=1.0, beta=1.0, bias=None, m=m, k=k, quant=quant)
 
 
@@ -466,8 +429,6 @@ def emit(fc, x: str, out: str, idx, namer, kernel_cache: dict, fshape: tuple, pe
     q = fc.quant
     spatial = len(fshape) - 1
     if dense and q.format == "integer":
-        from .errors import Fc2ConvError
-
         raise Fc2ConvError(f"dense mode: FC {fc.name!r} quantizes its input with DynamicQuantizeLinear, whose scale "
                            "is taken over the whole tensor, so a position of the dense map would not see the scale "
                            "the original computes on its window; convert it in keep mode")
@@ -555,7 +516,7 @@ def _conv_bias(idx, namer, name: str, m: int, nodes: list, inits: list) -> str:
     DequantizeLinear of int32 ``[M]`` stays as it is), else reshaped."""
     prod = idx.producer.get(name)
     shape = idx.const_shape(name) if prod is None else None
-    if prod is not None and is_quant_op(prod, "DequantizeLinear"):
+    if prod is not None and ops.is_quant_op(prod, "DequantizeLinear"):
         qshape = idx.const_shape(prod.input[0])
         if tuple(qshape) == (m,):
             return name
@@ -602,7 +563,7 @@ def _per_feature_const(idx, namer, name: str, m: int, spatial: int, nodes: list,
     ``[M, 1, ...]`` for the map; a DequantizeLinear'd one keeps its integers
     (reshaped) and its DequantizeLinear (per feature: along axis 0)."""
     prod = idx.producer.get(name)
-    if prod is not None and is_quant_op(prod, "DequantizeLinear") and idx.value(prod.input[0]) is not None:
+    if prod is not None and ops.is_quant_op(prod, "DequantizeLinear") and idx.value(prod.input[0]) is not None:
         qv = idx.value(prod.input[0])
         reshaped = kernels.per_feature(qv, m, spatial)
         if reshaped is qv:
