@@ -162,7 +162,7 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
         raise Fc2ConvError(_none_converted([layer for layer in layers if not layer.converted]))
     dense_plan = dense_mod.analyse(loaded.model, ctx.shapes, heads, layers, overrides, ctx=ctx,
                                    keep_global_pools=keep_global_pools) if dense and heads else None
-    plans = plan_mod.plan_heads(loaded.model, heads, dense_plan, ctx.shapes, fold_batch=fold_batch, idx=ctx.idx,
+    plans = plan_mod.plan_heads(loaded.model, heads, dense_plan, fold_batch=fold_batch, idx=ctx.idx,
                                 map_fcs=map_fcs)
     rewrite.apply(loaded.model, plans)
     if dense_plan is not None:

@@ -5,7 +5,7 @@ the graph is touched. Applying a plan (rewrite.py) decides nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -47,8 +47,8 @@ class Namer:
         return name
 
 
-def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=None,
-               fold_batch: bool = False, idx: GraphIndex | None = None, map_fcs=()) -> list[HeadPlan]:
+def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, *, fold_batch: bool = False,
+               idx: GraphIndex | None = None, map_fcs=()) -> list[HeadPlan]:
     """Plans for keep mode, or for dense mode when ``dense`` (a
     ``dense.DensePlan`` for the same heads) is given.
 
@@ -72,7 +72,7 @@ def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=Non
                                  for info in input_infos(model).values())
     plans = []
     for i, head in enumerate(heads):
-        plans.append(_plan_head(idx, namer, head, kernel_cache, dense.heads[i] if dense else None, shapes,
+        plans.append(_plan_head(idx, namer, head, kernel_cache, dense.heads[i] if dense else None,
                                 fold_batch and dense is None and idx.opset >= 5, pin))
     if dense is not None:
         plans.extend(plan_trunk_fixes(idx, namer, dense))
@@ -134,125 +134,173 @@ def _reusable_weights(model: onnx.ModelProto, idx: GraphIndex, heads: list[Head]
     return out
 
 
-def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh=None, shapes=None,
+@dataclass
+class _Out:
+    """What one head's plan collects, in order, while its parts are planned."""
+    nodes: list = field(default_factory=list)       # new nodes, in order
+    inits: list = field(default_factory=list)       # (name, np.ndarray) pairs
+    removed: set = field(default_factory=set)       # node_keys of the nodes replaced
+    retyped: list = field(default_factory=list)     # (initializer name, new dims)
+
+    def add(self, nodes, inits) -> None:
+        self.nodes.extend(nodes)
+        self.inits.extend(inits)
+
+
+def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh=None,
                fold: bool = False, pin: bool = False) -> HeadPlan:
     """Keep mode: new tensors get fresh names and one Flatten writes the
     head's last original tensor. Dense mode (``dh``): the new nodes write
     the original tensor names, which now hold maps, through to the outputs."""
+    out = _Out()
+    x = _map_source(idx, namer, head, dh, out)
+    x = _collapse_steps(idx, namer, head, dh, x, out)
+    if fold:
+        x = _fold_batch(namer, head, x, out)
+    x = _items(idx, namer, head, kernel_cache, dh, fold, x, out)
+    if dh is None:
+        _keep_end(namer, head, fold, pin, x, out)
+    else:
+        _dense_tail(idx, namer, head, dh, out)
+    for item in head.items:
+        out.removed.update(node_key(n) for n in item_nodes(item))
+    anchor = node_key(item_nodes(head.items[0])[0])
+    return HeadPlan(anchor, tuple(out.nodes), tuple(out.inits), frozenset(out.removed), tuple(out.retyped))
+
+
+def _map_source(idx: GraphIndex, namer: Namer, head: Head, dh, out: _Out) -> str:
+    """The map the first Conv reads: the collapse's source, its windowed pool
+    (dense), or a keepdims=0 reduction's output unsqueezed back to a map; the
+    segment's pools become windowed and its identity views Identity (dense)."""
     col = head.collapse
-    spatial = head.spatial_rank
-    nodes: list[onnx.NodeProto] = []
-    inits: list[tuple[str, np.ndarray]] = []
-    removed = set()
     x = col.source
     if dh is not None and dh.pool is not None:
-        out = namer(f"{x}_map") if col.unsqueeze else x
+        y = namer(f"{x}_map") if col.unsqueeze else x
         attrs = {"kernel_shape": list(dh.window), "strides": [1] * len(dh.window)}
-        nodes.append(helper.make_node(dh.pool_op, [dh.source], [out], name=dh.pool.name or namer("window_pool"),
-                                      **attrs))
-        removed.add(node_key(dh.pool))
-        x = out
+        out.nodes.append(helper.make_node(dh.pool_op, [dh.source], [y], name=dh.pool.name or namer("window_pool"),
+                                          **attrs))
+        out.removed.add(node_key(dh.pool))
+        x = y
     elif col.unsqueeze:
-        out = namer(f"{x}_map")
+        y = namer(f"{x}_map")
         axes = list(range(2, 2 + col.unsqueeze))
         if idx.opset >= 13:
             axes_name = namer(f"{x}_map_axes")
-            inits.append((axes_name, np.array(axes, dtype=np.int64)))
-            nodes.append(helper.make_node("Unsqueeze", [x, axes_name], [out], name=namer(f"{x}_unsqueeze")))
+            out.inits.append((axes_name, np.array(axes, dtype=np.int64)))
+            out.nodes.append(helper.make_node("Unsqueeze", [x, axes_name], [y], name=namer(f"{x}_unsqueeze")))
         else:
-            nodes.append(helper.make_node("Unsqueeze", [x], [out], name=namer(f"{x}_unsqueeze"), axes=axes))
-        x = out
+            out.nodes.append(helper.make_node("Unsqueeze", [x], [y], name=namer(f"{x}_unsqueeze"), axes=axes))
+        x = y
     for pool, pool_op in (dh.segment_pools if dh is not None else ()):
         # the pool's output becomes a map; the per-position ops after it stay
-        nodes.append(helper.make_node(pool_op, [pool.input[0]], [pool.output[0]], name=pool.name or namer("window_pool"),
-                                      kernel_shape=list(dh.window), strides=[1] * len(dh.window)))
-        removed.add(node_key(pool))
+        out.nodes.append(helper.make_node(pool_op, [pool.input[0]], [pool.output[0]],
+                                          name=pool.name or namer("window_pool"),
+                                          kernel_shape=list(dh.window), strides=[1] * len(dh.window)))
+        out.removed.add(node_key(pool))
     for view in (dh.segment_views if dh is not None else ()):  # Gather(Reshape(x, [-1]), arange) -> x
-        nodes.append(helper.make_node("Identity", [idx.producer[view.input[0]].input[0]], [view.output[0]],
-                                      name=view.name or namer("view")))
-        removed.add(node_key(view))
-    for step in col.steps:  # per position: the same on the map as on the flattened vector
-        out = namer(f"{step.node.output[0]}_map")
-        new_nodes, new_inits = emit(step, x, out, namer, spatial, idx.opset, dense=dh is not None)
-        nodes.extend(new_nodes)
-        inits.extend(new_inits)
-        x = out if new_nodes else x
-    if fold:
-        c, sizes = col.feature_shape[0], col.feature_shape[1:]
-        t1, t2, shape = namer(f"{x}_cn"), namer(f"{x}_batch_folded"), namer(f"{x}_fold_shape")
-        nodes.append(helper.make_node("Transpose", [x], [t1], name=namer(f"{x}_to_cn"),
+        out.nodes.append(helper.make_node("Identity", [idx.producer[view.input[0]].input[0]], [view.output[0]],
+                                          name=view.name or namer("view")))
+        out.removed.add(node_key(view))
+    return x
+
+
+def _collapse_steps(idx: GraphIndex, namer: Namer, head: Head, dh, x: str, out: _Out) -> str:
+    """The collapse's per-position steps, on the map: the same as on the flattened vector."""
+    for step in head.collapse.steps:
+        y = namer(f"{step.node.output[0]}_map")
+        new_nodes, new_inits = emit(step, x, y, namer, head.spatial_rank, idx.opset, dense=dh is not None)
+        out.add(new_nodes, new_inits)
+        x = y if new_nodes else x
+    return x
+
+
+def _fold_batch(namer: Namer, head: Head, x: str, out: _Out) -> str:
+    """``[N, C, *S] -> [1, C, N*S0, ...]``: the batch folded into the first spatial axis."""
+    col, spatial = head.collapse, head.spatial_rank
+    c, sizes = col.feature_shape[0], col.feature_shape[1:]
+    t1, t2, shape = namer(f"{x}_cn"), namer(f"{x}_batch_folded"), namer(f"{x}_fold_shape")
+    out.nodes.append(helper.make_node("Transpose", [x], [t1], name=namer(f"{x}_to_cn"),
                                       perm=[1, 0] + list(range(2, 2 + spatial))))
-        inits.append((shape, np.array([1, c, -1] + list(sizes[1:]), dtype=np.int64)))
-        nodes.append(helper.make_node("Reshape", [t1, shape], [t2], name=namer(f"{x}_fold")))
-        x = t2
+    out.inits.append((shape, np.array([1, c, -1] + list(sizes[1:]), dtype=np.int64)))
+    out.nodes.append(helper.make_node("Reshape", [t1, shape], [t2], name=namer(f"{x}_fold")))
+    return t2
+
+
+def _items(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh, fold: bool, x: str,
+           out: _Out) -> str:
+    """The head's FCs as Convs (quantized ones by rules/quant.py) and its steps, in order."""
+    spatial = head.spatial_rank
     first_conv = True
-    retyped = []
     keys = {fc.output: (key, fshape, perm) for fc, key, fshape, perm in _kernel_keys(head)}
     for item in head.items:
         if isinstance(item, FC):
             key, fshape, perm = keys[item.output]
-            if item.quant is not None:  # integer kernel and its quantized op (quant.py)
-                out = item.output if dh is not None else namer(f"{item.output}_conv")
+            if item.quant is not None:  # integer kernel and its quantized op (rules/quant.py)
+                y = item.output if dh is not None else namer(f"{item.output}_conv")
                 strides = [int(fshape[1])] + [1] * (spatial - 1) if fold and first_conv else None
-                new_nodes, new_inits = quant.emit(item, x, out, idx, namer, kernel_cache, fshape, perm, strides,
-                                                  dense=dh is not None)
-                nodes.extend(new_nodes)
-                inits.extend(new_inits)
-                first_conv, x = False, out
+                out.add(*quant.emit(item, x, y, idx, namer, kernel_cache, fshape, perm, strides,
+                                    dense=dh is not None))
+                first_conv, x = False, y
                 continue
-            if kernel_cache.get(key) == item.weight:
-                retyped.append((item.weight, (item.m,) + tuple(fshape)))
-            elif key not in kernel_cache:
-                w = idx.value(item.weight)
-                kernel = kernels.conv_kernel(kernels.fc_matrix(w, trans_b=item.trans_b, alpha=item.alpha), fshape,
-                                             perm)
-                kernel_cache[key] = namer(f"{item.weight}_conv")
-                inits.append((kernel_cache[key], kernel))
-            conv_inputs = [x, kernel_cache[key]]
-            if item.bias is not None:
-                b = kernels.fc_bias(idx.value(item.bias), item.m, beta=item.beta)
-                if b is not None:
-                    bname = namer(f"{item.bias}_conv")
-                    inits.append((bname, b.astype(helper.tensor_dtype_to_np_dtype(
-                        idx.elem_type(item.weight)), copy=False)))
-                    conv_inputs.append(bname)
-            out = item.output if dh is not None else namer(f"{item.output}_conv")
-            attrs = {"kernel_shape": list(fshape[1:])}
-            if fold and first_conv:
-                attrs["strides"] = [int(fshape[1])] + [1] * (spatial - 1)
+            x = _conv(idx, namer, item, key, fshape, perm, kernel_cache, dh, fold and first_conv, x, out)
             first_conv = False
-            nodes.append(helper.make_node("Conv", conv_inputs, [out], name=item.nodes[0].name or namer(item.name),
-                                          **attrs))
-            x = out
         else:
-            out = item.node.output[0] if dh is not None else namer(f"{item.node.output[0]}_conv")
-            new_nodes, new_inits = emit(item, x, out, namer, spatial, idx.opset, dense=dh is not None)
-            nodes.extend(new_nodes)
-            inits.extend(new_inits)
+            y = item.node.output[0] if dh is not None else namer(f"{item.node.output[0]}_conv")
+            new_nodes, new_inits = emit(item, x, y, namer, spatial, idx.opset, dense=dh is not None)
+            out.add(new_nodes, new_inits)
             if new_nodes:
-                x = out
-    if dh is None:
-        if fold:  # [1, M, N, 1...] -> [N, M, 1, 1...]
-            t = namer(f"{head.end}_unfolded")
-            nodes.append(helper.make_node("Transpose", [x], [t], name=namer(f"{head.end}_unfold"),
+                x = y
+    return x
+
+
+def _conv(idx: GraphIndex, namer: Namer, item: FC, key, fshape, perm, kernel_cache: dict, dh, folded: bool,
+          x: str, out: _Out) -> str:
+    """One float FC as a Conv: its kernel (once per weight and layout, or the
+    weight itself re-dimensioned), its bias, the node."""
+    spatial = len(fshape) - 1
+    if kernel_cache.get(key) == item.weight:
+        out.retyped.append((item.weight, (item.m,) + tuple(fshape)))
+    elif key not in kernel_cache:
+        w = idx.value(item.weight)
+        kernel = kernels.conv_kernel(kernels.fc_matrix(w, trans_b=item.trans_b, alpha=item.alpha), fshape, perm)
+        kernel_cache[key] = namer(f"{item.weight}_conv")
+        out.inits.append((kernel_cache[key], kernel))
+    conv_inputs = [x, kernel_cache[key]]
+    if item.bias is not None:
+        b = kernels.fc_bias(idx.value(item.bias), item.m, beta=item.beta)
+        if b is not None:
+            bname = namer(f"{item.bias}_conv")
+            out.inits.append((bname, b.astype(helper.tensor_dtype_to_np_dtype(idx.elem_type(item.weight)),
+                                              copy=False)))
+            conv_inputs.append(bname)
+    y = item.output if dh is not None else namer(f"{item.output}_conv")
+    attrs = {"kernel_shape": list(fshape[1:])}
+    if folded:
+        attrs["strides"] = [int(fshape[1])] + [1] * (spatial - 1)
+    out.nodes.append(helper.make_node("Conv", conv_inputs, [y], name=item.nodes[0].name or namer(item.name), **attrs))
+    return y
+
+
+def _keep_end(namer: Namer, head: Head, fold: bool, pin: bool, x: str, out: _Out) -> None:
+    """Keep mode: the map back to ``[N, M]`` under the head's last original name."""
+    spatial = head.spatial_rank
+    if fold:  # [1, M, N, 1...] -> [N, M, 1, 1...]
+        t = namer(f"{head.end}_unfolded")
+        out.nodes.append(helper.make_node("Transpose", [x], [t], name=namer(f"{head.end}_unfold"),
                                           perm=[2, 1, 0] + list(range(3, 2 + spatial))))
-            x = t
-        if pin:
-            shape = namer(f"{head.end}_features")
-            inits.append((shape, np.array([0, head.fcs[-1].m], dtype=np.int64)))
-            nodes.append(helper.make_node("Reshape", [x, shape], [head.end], name=namer(f"{head.end}_flatten")))
-        else:
-            nodes.append(helper.make_node("Flatten", [x], [head.end], name=namer(f"{head.end}_flatten"), axis=1))
+        x = t
+    if pin:
+        shape = namer(f"{head.end}_features")
+        out.inits.append((shape, np.array([0, head.fcs[-1].m], dtype=np.int64)))
+        out.nodes.append(helper.make_node("Reshape", [x, shape], [head.end], name=namer(f"{head.end}_flatten")))
     else:
-        for step in dh.tail:
-            new_nodes, new_inits = emit(step, step.node.input[step.data_index], step.node.output[0], namer, spatial,
-                                        idx.opset, dense=True, suffix="_dense")
-            nodes.extend(new_nodes)
-            inits.extend(new_inits)
-            removed.add(node_key(step.node))
-    for item in head.items:
-        removed.update(node_key(n) for n in item_nodes(item))
-    anchor = node_key(item_nodes(head.items[0])[0])
-    return HeadPlan(anchor, tuple(nodes), tuple(inits), frozenset(removed), tuple(retyped))
+        out.nodes.append(helper.make_node("Flatten", [x], [head.end], name=namer(f"{head.end}_flatten"), axis=1))
 
 
+def _dense_tail(idx: GraphIndex, namer: Namer, head: Head, dh, out: _Out) -> None:
+    """Dense mode: the steps after the head, on the score map (per position)."""
+    for step in dh.tail:
+        new_nodes, new_inits = emit(step, step.node.input[step.data_index], step.node.output[0], namer,
+                                    head.spatial_rank, idx.opset, dense=True, suffix="_dense")
+        out.add(new_nodes, new_inits)
+        out.removed.add(node_key(step.node))

@@ -130,6 +130,41 @@ def covers(pool: onnx.NodeProto, size: list) -> bool:
 
 
 def match_collapse(a: str, ctx: Context) -> Collapse | Refusal:
+    """How the FC input ``a`` flattens a map ``F``: walk back through the
+    reshapes and per-position ops, take a leading Transpose, check the
+    shapes, the batch and the steps, and name the pattern."""
+    walked, steps, src = _walk_back(a, ctx)
+    perm, transpose, src, producer = _leading_transpose(ctx, walked, src)
+    shaped = _map_shape(ctx, walked, src, producer, perm)
+    if isinstance(shaped, Refusal):
+        return shaped
+    fshape, unsqueeze = shaped
+    rank = len(fshape)
+    if perm is None:
+        perm = tuple(range(rank))
+    if not all(isinstance(d, int) for d in fshape[1:]):
+        raise NeedsShape(src, fshape)
+    feature_shape = tuple(int(d) for d in fshape[1:])
+    k = int(np.prod(feature_shape))
+    forward = [n for n in reversed(walked) if n.op_type in RESHAPE_LIKE or n.op_type == "Transpose"]
+    reason = _keeps_batch(ctx, fshape, transpose, forward, k, unsqueeze)
+    if reason:
+        return Refusal(reason, forward[0] if forward else None)
+    made = _steps(ctx, steps, feature_shape, rank)
+    if isinstance(made, Refusal):
+        return made
+    letters = "NC" + {1: "L", 2: "HW", 3: "DHW"}.get(rank - 2, "".join(f"S{i}" for i in range(rank - 2)))
+    layout = "".join(letters[i] for i in perm) if transpose is not None else letters
+    nodes = tuple(([transpose] if transpose is not None else []) + list(reversed(walked)))
+    col = Collapse(src, perm, feature_shape, nodes, "", layout, unsqueeze, tuple(made))
+    return Collapse(src, perm, feature_shape, nodes, _pattern(ctx, walked, transpose, src, col, unsqueeze), layout,
+                    unsqueeze, tuple(made))
+
+
+def _walk_back(a: str, ctx: Context) -> tuple[list, list, str]:
+    """From the FC's input back through reshapes and per-position ops:
+    (the nodes walked, the steps as (node, its data input), the tensor
+    reached), both lists backwards."""
     idx = ctx.idx
     walked: list[onnx.NodeProto] = []
     steps: list[tuple] = []            # (node, its data input), backwards
@@ -157,7 +192,13 @@ def match_collapse(a: str, ctx: Context) -> Collapse | Refusal:
             t = data[0]
             continue
         break
-    src = t
+    return walked, steps, t
+
+
+def _leading_transpose(ctx: Context, walked: list, src: str):
+    """(perm, the Transpose, F, F's producer): a channels-last map is
+    ``Transpose(perm)`` of ``F`` before the flatten (perm None without one)."""
+    idx = ctx.idx
     producer = idx.producer.get(src)
     perm = None
     transpose = None
@@ -170,6 +211,12 @@ def match_collapse(a: str, ctx: Context) -> Collapse | Refusal:
             perm, transpose = p, producer
             src = producer.input[0]
             producer = idx.producer.get(src)
+    return perm, transpose, src, producer
+
+
+def _map_shape(ctx: Context, walked: list, src: str, producer, perm):
+    """``(F's shape, unsqueeze)``, or why ``F`` is no flattened spatial map
+    (a keepdims=0 reduction's ``[N, C]`` counts with its spatial axes as 1)."""
     fshape = ctx.shape(src)
     what = f"{producer.op_type} {node_label(producer)!r}" if producer is not None else f"graph input {src!r}"
     blocker = producer
@@ -187,19 +234,15 @@ def match_collapse(a: str, ctx: Context) -> Collapse | Refusal:
                        "feature map", blocker)
     if not any(n.op_type in RESHAPE_LIKE or n.op_type == "Transpose" for n in walked) and not unsqueeze:
         return Refusal(f"its input comes from {what} of shape {fmt_shape(fshape)} without a flatten", blocker)
-    rank = len(fshape)
-    if perm is None:
-        perm = tuple(range(rank))
-    if not all(isinstance(d, int) for d in fshape[1:]):
-        raise NeedsShape(src, fshape)
-    feature_shape = tuple(int(d) for d in fshape[1:])
-    k = int(np.prod(feature_shape))
-    forward = [n for n in reversed(walked) if n.op_type in RESHAPE_LIKE or n.op_type == "Transpose"]
-    reason = _keeps_batch(ctx, fshape, transpose, forward, k, unsqueeze)
-    if reason:
-        return Refusal(reason, forward[0] if forward else None)
-    # Steps act on the map as on the flattened vector where they are element-wise
-    # with scalars; per-channel constants and ops along the features need a pooled (1x1) map.
+    return fshape, unsqueeze
+
+
+def _steps(ctx: Context, steps: list, feature_shape: tuple, rank: int):
+    """The collapse's per-position ops as Steps, or why one cannot stand there.
+
+    Steps act on the map as on the flattened vector where they are
+    element-wise with scalars; per-channel constants and ops along the
+    features need a pooled (1x1) map."""
     pooled = all(d == 1 for d in feature_shape[1:])
     made = [match_step(n, d, feature_shape[0], rank - 2, ctx, classes=True) for n, d in reversed(steps)]
     for st in made:
@@ -209,21 +252,23 @@ def match_collapse(a: str, ctx: Context) -> Collapse | Refusal:
             return Refusal(f"{st.node.op_type} {node_label(st.node)!r} before it acts on the flattened features of "
                            f"a {'x'.join(map(str, feature_shape[1:]))} map as a whole, which no convolution of the "
                            "map does", st.node)
-    letters = "NC" + {1: "L", 2: "HW", 3: "DHW"}.get(rank - 2, "".join(f"S{i}" for i in range(rank - 2)))
-    layout = "".join(letters[i] for i in perm) if transpose is not None else letters
-    nodes = tuple(([transpose] if transpose is not None else []) + list(reversed(walked)))
+    return made
+
+
+def _pattern(ctx: Context, walked: list, transpose, src: str, col: Collapse, unsqueeze: int) -> str:
+    """The collapse as ``inspect`` names it: its ops in order, a pool before them."""
+    idx = ctx.idx
     names = [n.op_type for n in reversed(walked) if not (n.op_type == "Transpose" and n is not transpose)]
     for i, n in enumerate(n for n in reversed(walked) if not (n.op_type == "Transpose" and n is not transpose)):
         if n.op_type == "Reshape" and len(n.input) > 1 and idx.value(n.input[1]) is None:
             names[i] = "Reshape(shape chain)"
     if transpose is not None:
         names.insert(0, "Transpose")
-    col = Collapse(src, perm, feature_shape, nodes, "", layout, unsqueeze, tuple(made))
     pool = idx.producer.get(src)
     if head_pool(ctx, pool, col):
         keep = "" if pool.op_type not in ops.REDUCES else f"(keepdims={0 if unsqueeze else 1})"
         names.insert(0, pool.op_type + keep)
-    return Collapse(src, perm, feature_shape, nodes, "+".join(names) or "-", layout, unsqueeze, tuple(made))
+    return "+".join(names) or "-"
 
 
 def _vector(shape) -> bool:
