@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from . import dense as dense_mod, find, load as load_mod, plan as plan_mod, rewrite, shapes as shapes_mod, verify
+from . import atrous, dense as dense_mod, find, load as load_mod, plan as plan_mod, rewrite, shapes as shapes_mod, verify
 from .errors import Fc2ConvError
 from .find import Layer
 from .geometry import MapGeometry
@@ -164,18 +164,15 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
                                    keep_global_pools=keep_global_pools) if dense and heads else None
     plans = plan_mod.plan_heads(loaded.model, heads, dense_plan, fold_batch=fold_batch, idx=ctx.idx,
                                 map_fcs=map_fcs)
-    rewrite.apply(loaded.model, plans)
-    if dense_plan is not None:
-        dense_mod.finish(loaded.model, dense_plan)
-    from . import atrous
-    fine = atrous.for_convert(loaded.model, dense, dense_plan, dense_stride)
+    rewrite.apply(loaded.model, plans, dense_mod.signature(dense_plan) if dense_plan is not None else None)
+    maps = atrous.for_convert(loaded.model, dense, [h.map_geometry() for h in dense_plan.heads] if dense_plan else [],
+                              dense_stride)
     if strict:
         problem = shapes_mod.strict_problem(loaded.model)
         assert problem is None, f"the converted model fails onnx's full check or strict inference: {problem}"
     log.info("converted %d of %d FC layers in %d head(s)", sum(l.converted for l in layers), len(layers), len(heads))
     return ConversionResult(loaded.model, layers, len(heads), dense, str(loaded.path) if loaded.path else None,
-                            overrides, fine or ([h.geometry_dict() for h in dense_plan.heads] if dense_plan else []),
-                            original_io)
+                            overrides, [g.to_dict() for g in maps], original_io)
 
 
 def _none_converted(layers) -> str:

@@ -40,17 +40,20 @@ after the rewritten layers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from . import ops
+from . import ops, rewrite, shapes as shapes_mod
 from .errors import Fc2ConvError
-from .graph import GraphIndex, attr, is_default, node_label
+from .geometry import MapAxis, MapGeometry, trace
+from .graph import GraphIndex, attr, is_default, node_key, node_label
+from .plan import HeadPlan, Namer
 
 log = logging.getLogger(__name__)
 
@@ -61,45 +64,38 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
 class Fine:
     """The rewritten model, its geometry (stride ``dense_stride``) and what changed."""
     model: onnx.ModelProto
-    geometry: list
+    geometry: list                                # geometry.MapGeometry per head
     dense_stride: int
     layers: list = field(default_factory=list)    # one line per rewritten node
 
 
-def traced_geometry(model: onnx.ModelProto) -> list[dict]:
+def traced_geometry(model: onnx.ModelProto) -> list[MapGeometry]:
     """Geometry of a model that is fully convolutional already: one entry per
-    output whose axes 2.. trace back to an input (the same dict shape as
-    ``ConversionResult.geometry``)."""
-    from . import shapes as shapes_mod
-    from .geometry import trace
-
+    output whose axes 2.. trace back to an input."""
     idx, infos = GraphIndex(model), shapes_mod.infer(model)
     out = []
     for o in model.graph.output:
         geo = trace(idx, infos, [o.name], keep_global=True).geo.get(o.name) or {}
         if geo and sorted(geo) == list(range(2, 2 + len(geo))):
-            out.append({"outputs": [o.name], "window_source": None, "window": None,
-                        "axes": [dict(geo[a].to_dict(), window=None) for a in sorted(geo)],
-                        "padded": any(geo[a].padded for a in geo)})
+            axes = tuple(MapAxis(geo[a].input, geo[a].input_axis, geo[a].stride, geo[a].receptive_field,
+                                 geo[a].offset) for a in sorted(geo))
+            out.append(MapGeometry((o.name,), axes, padded=any(geo[a].padded for a in geo)))
     return out
 
 
-def _jumps(model: onnx.ModelProto, geometry: list) -> tuple[dict, dict]:
+def _jumps(model: onnx.ModelProto, geometry: list[MapGeometry]) -> tuple[dict, dict]:
     """tensor -> {axis: jump} for every trunk tensor with positions, and the
     shapes at a concrete input size (auto_pad=SAME layers need one to trace)."""
-    from . import shapes as shapes_mod
-    from .geometry import trace
-
     overrides = {}
     for g in geometry:
-        for a in g["axes"]:
-            inp = next(i for i in model.graph.input if i.name == a["input"])
-            dims = overrides.setdefault(a["input"], [d.dim_value if d.HasField("dim_value") else 1
-                                                     for d in inp.type.tensor_type.shape.dim])
-            size = a["receptive_field"] + 2 * abs(a["offset"]) + 2 * a["stride"]
-            dims[a["input_axis"]] = max(dims[a["input_axis"]], size)
+        for a in g.axes:
+            inp = next(i for i in model.graph.input if i.name == a.input)
+            dims = overrides.setdefault(a.input, [d.dim_value if d.HasField("dim_value") else 1
+                                                  for d in inp.type.tensor_type.shape.dim])
+            size = a.receptive_field + 2 * abs(a.offset) + 2 * a.stride
+            dims[a.input_axis] = max(dims[a.input_axis], size)
     idx, infos = GraphIndex(model), shapes_mod.infer(model, overrides)
-    outputs = [o for g in geometry for o in g["outputs"]]
+    outputs = [o for g in geometry for o in g.outputs]
     # lenient: the model is dense already (convert traced its trunk strictly);
     # a Reshape whose shape is now computed from Shape(x) keeps its axes last
     tr = trace(idx, infos, outputs, keep_global=True, lenient=True)
@@ -108,11 +104,12 @@ def _jumps(model: onnx.ModelProto, geometry: list) -> tuple[dict, dict]:
     return {t: {a: ax.stride for a, ax in g.items()} for t, g in tr.geo.items()}, infos
 
 
-def apply(model: onnx.ModelProto, geometry: list | None, dense_stride: int, *, inplace: bool = False) -> Fine:
+def apply(model: onnx.ModelProto, geometry: list[MapGeometry] | None, dense_stride: int, *,
+          inplace: bool = False) -> Fine:
     """Rewrite the dense ``model`` so its score maps have stride ``dense_stride``.
 
     Args:
-        geometry: ``ConversionResult.geometry`` of ``model`` (None: traced here).
+        geometry: the maps of ``model`` (``ConversionResult.maps``; None: traced here).
         inplace: rewrite ``model`` itself (the API's own copy) instead of a copy.
     """
     s = dense_stride
@@ -124,7 +121,7 @@ def apply(model: onnx.ModelProto, geometry: list | None, dense_stride: int, *, i
     if not geometry:
         raise Fc2ConvError("--dense-stride needs a dense model: the model has no score map output")
     for g in geometry:
-        strides = [a["stride"] for a in g["axes"]]
+        strides = [a.stride for a in g.axes]
         bad = [t for t in strides if t % s]
         if bad:
             divisors = sorted({d for t in strides for d in range(1, t + 1) if all(u % d == 0 for u in strides)})
@@ -132,43 +129,49 @@ def apply(model: onnx.ModelProto, geometry: list | None, dense_stride: int, *, i
                                f"{'x'.join(map(str, strides))}; choose one of {', '.join(map(str, divisors))}")
     out = model if inplace else copy.deepcopy(model)
     fine = Fine(out, [], s)
-    if all(a["stride"] == s for g in geometry for a in g["axes"]):
-        fine.geometry = [_fine_geometry(g, s) for g in geometry]
+    if all(a.stride == s for g in geometry for a in g.axes):
+        fine.geometry = [fine_geometry(g, s) for g in geometry]
         return fine
     jumps, infos = _jumps(out, geometry)
     _expressible(out, jumps, geometry, s)
-    idx = GraphIndex(out)
+    rewrite.apply(out, _plans(out, jumps, infos, s, fine))
+    del out.graph.value_info[:]
+    fine.geometry = [fine_geometry(g, s) for g in geometry]
+    log.info("à trous: stride %d via %d rewritten node(s)", s, len(fine.layers))
+    return fine
+
+
+def _plans(model: onnx.ModelProto, jumps: dict, infos: dict, s: int, fine: Fine) -> list[HeadPlan]:
+    """One plan per node the rewrite changes (its strides, dilations, pads);
+    rewrite.apply swaps them in. Decides and refuses; touches nothing."""
+    idx = GraphIndex(model)
+    namer = Namer(model.graph)
     opset = idx.opset
-    new_nodes, new_inits = [], []
-    for node in list(out.graph.node):
+    plans = []
+    for node in model.graph.node:
         j_in = jumps.get(node.input[0], {}) if node.input else {}
         op = node.op_type
+        new_inits: list = []
         if not j_in:
-            new_nodes.append(node)
-        elif op in ops.WINDOWED_FLOAT and is_default(node):
-            new_nodes.extend(_windowed(node, j_in, jumps.get(node.output[0], {}), s, opset, idx, infos, fine,
-                                       new_inits))
+            continue
+        if op in ops.WINDOWED_FLOAT and is_default(node):
+            new = _windowed(node, j_in, jumps.get(node.output[0], {}), s, opset, idx, infos, fine, new_inits, namer)
         elif not any(j > s for j in j_in.values()):
-            new_nodes.append(node)       # before the rewritten layers: as it is
+            continue                     # before the rewritten layers: as it is
         elif op == "Pad":
-            new_nodes.append(_pad(node, {a: max(1, j // s) for a, j in j_in.items()}, idx, opset, fine, new_inits))
+            new = _pad(node, {a: max(1, j // s) for a, j in j_in.items()}, idx, opset, fine, new_inits, namer)
         elif node.output and node.output[0] and not jumps.get(node.output[0]) and op not in ("Shape", "Size"):
             raise Fc2ConvError(f"{op} {node_label(node)!r} pools over all positions after the layers the à trous "
                                f"rewrite changes; the fine map would pool the interleaved map, so --dense-stride "
                                "cannot be used with this model")
         else:
-            new_nodes.append(node)       # per position: the interleaved map is still a map
-    del out.graph.node[:]
-    out.graph.node.extend(new_nodes)
-    for name, value in new_inits:
-        out.graph.initializer.append(numpy_helper.from_array(value, name))
-    del out.graph.value_info[:]
-    fine.geometry = [_fine_geometry(g, s) for g in geometry]
-    log.info("à trous: stride %d via %d rewritten node(s)", s, len(fine.layers))
-    return fine
+            continue                     # per position: the interleaved map is still a map
+        if new is not node:
+            plans.append(HeadPlan(node_key(node), (new,), tuple(new_inits), frozenset({node_key(node)})))
+    return plans
 
 
-def _expressible(model: onnx.ModelProto, jumps: dict, geometry: list, s: int) -> None:
+def _expressible(model: onnx.ModelProto, jumps: dict, geometry: list[MapGeometry], s: int) -> None:
     """Every stride the map passes through must divide S or be a multiple of it."""
     def fits(j, d):
         return j % d == 0 or d % j == 0
@@ -178,7 +181,7 @@ def _expressible(model: onnx.ModelProto, jumps: dict, geometry: list, s: int) ->
             continue
         bad = [j for j in jumps[node.output[0]].values() if not fits(j, s)]
         if bad:
-            strides = {a["stride"] for g in geometry for a in g["axes"]}
+            strides = {a.stride for g in geometry for a in g.axes}
             every = {j for g in jumps.values() for j in g.values()}
             ok = [d for d in range(1, min(strides) + 1) if all(t % d == 0 for t in strides)
                   and all(fits(j, d) for j in every)]
@@ -205,7 +208,8 @@ def _ints(values) -> list[int]:
     return [int(v) for v in values]
 
 
-def _windowed(node, j_in: dict, j_out: dict, s: int, opset: int, idx, infos, fine: Fine, new_inits) -> list:
+def _windowed(node, j_in: dict, j_out: dict, s: int, opset: int, idx, infos, fine: Fine, new_inits, namer):
+    """The node with its strides, dilations and pads for stride ``s`` (the node itself when it keeps them)."""
     op = node.op_type
     label = f"{op} {node_label(node)!r}"
     if op == "Conv":
@@ -238,7 +242,7 @@ def _windowed(node, j_in: dict, j_out: dict, s: int, opset: int, idx, infos, fin
                                f"from stride {jin} to {jout}, and {s} is not a multiple of {jin}")
         new_strides[i] = b // a
     if all(f == 1 for f in mult) and new_strides == strides:
-        return [node]            # before the rewritten layers
+        return node              # before the rewritten layers
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         if any(st > 1 for st in strides):
             raise Fc2ConvError(f"{label} pads by auto_pad={auto} with stride {'x'.join(map(str, strides))}: its "
@@ -265,7 +269,7 @@ def _windowed(node, j_in: dict, j_out: dict, s: int, opset: int, idx, infos, fin
     fine.layers.append(f"{label}: stride {'x'.join(map(str, strides))} -> {'x'.join(map(str, new_strides))}, "
                        f"dilation {'x'.join(map(str, dilations))} -> {'x'.join(map(str, new_dil))}")
     if dilated and op == "AveragePool" and opset < 19:
-        return [_average_as_conv(node, kernel, new_strides, new_dil, new_pads, infos, idx, new_inits)]
+        return _average_as_conv(node, kernel, new_strides, new_dil, new_pads, infos, idx, new_inits, namer)
     new = onnx.NodeProto()
     new.CopyFrom(node)
     for a in [a for a in new.attribute if a.name in ("strides", "dilations", "pads", "auto_pad")]:
@@ -274,10 +278,10 @@ def _windowed(node, j_in: dict, j_out: dict, s: int, opset: int, idx, infos, fin
                           helper.make_attribute("pads", new_pads)])
     if dilated or attr(node, "dilations", None) is not None:
         new.attribute.append(helper.make_attribute("dilations", new_dil))
-    return [new]
+    return new
 
 
-def _average_as_conv(node, kernel, strides, dilations, pads, infos, idx, new_inits):
+def _average_as_conv(node, kernel, strides, dilations, pads, infos, idx, new_inits, namer):
     """An AveragePool with dilations below opset 19: the same average as a
     depthwise Conv whose weights are 1/prod(kernel)."""
     label = f"AveragePool {node_label(node)!r}"
@@ -298,17 +302,14 @@ def _average_as_conv(node, kernel, strides, dilations, pads, infos, idx, new_ini
                            f"opset {idx.opset}), and it cannot be written as a depthwise Conv: {why}")
     dtype = helper.tensor_dtype_to_np_dtype(elem)
     weight = np.full([channels, 1] + [int(k) for k in kernel], 1.0 / float(np.prod(kernel)), dtype=dtype)
-    name = f"{node.output[0]}_atrous_mean_w"
-    taken = set(idx.initializers) | set(idx.producer)
-    while name in taken:
-        name += "_"
+    name = namer(f"{node.output[0]}_atrous_mean_w")
     new_inits.append((name, weight))
     return helper.make_node("Conv", [node.input[0], name], [node.output[0]], name=node.name or node.output[0],
                             kernel_shape=[int(k) for k in kernel], strides=strides, dilations=dilations, pads=pads,
                             group=channels)
 
 
-def _pad(node, m: dict, idx, opset: int, fine: Fine, new_inits):
+def _pad(node, m: dict, idx, opset: int, fine: Fine, new_inits, namer):
     """A Pad after the rewritten layers pads ``m`` times as many positions."""
     label = f"Pad {node_label(node)!r}"
     if len(node.input) > 3 and node.input[3]:
@@ -332,22 +333,21 @@ def _pad(node, m: dict, idx, opset: int, fine: Fine, new_inits):
             new.attribute.remove(a)
         new.attribute.append(helper.make_attribute("pads", scaled))
     else:
-        name = f"{node.input[1]}_atrous"
-        taken = set(idx.initializers) | set(idx.producer)
-        while name in taken:
-            name += "_"
+        name = namer(f"{node.input[1]}_atrous")
         new_inits.append((name, np.array(scaled, np.int64)))
         new.input[1] = name
     return new
 
 
+def fine_geometry(g: MapGeometry, s: int) -> MapGeometry:
+    """The geometry of the à trous map of stride ``s``: the trunk's stride kept as ``plain_stride``."""
+    axes = tuple(dataclasses.replace(a, stride=s, plain_stride=a.stride) for a in g.axes)
+    return dataclasses.replace(g, axes=axes, dense_stride=s)
+
+
 def _fine_geometry(g: dict, s: int) -> dict:
-    out = copy.deepcopy(g)
-    for a in out["axes"]:
-        a["plain_stride"] = a["stride"]
-        a["stride"] = s
-    out["dense_stride"] = s
-    return out
+    """:func:`fine_geometry` of a geometry dict (for the check below, which reads dicts)."""
+    return fine_geometry(MapGeometry.from_dict(g), s).to_dict()
 
 
 # --------------------------------------------------------------- check ---
@@ -464,14 +464,15 @@ def check_fine(original, fine: onnx.ModelProto, dense_stride: int, *, provider: 
     return first
 
 
-def for_convert(model: onnx.ModelProto, dense: bool, dense_plan, dense_stride) -> list | None:
+def for_convert(model: onnx.ModelProto, dense: bool, maps: list[MapGeometry], dense_stride) -> list[MapGeometry]:
     """``convert(..., dense_stride=S)``: rewrite the freshly made dense model
-    in place; returns its geometry (None when there is nothing to refine)."""
+    in place; ``maps`` is its geometry, the fine maps' is returned (``maps``
+    itself when there is nothing to refine)."""
     if dense_stride is None:
-        return None
+        return maps
     if not dense:
         raise Fc2ConvError("--dense-stride needs --dense: it refines a dense score map")
-    if dense_plan is None:
+    if not maps:
         log.warning("--dense-stride: no head was made dense, nothing to refine")
-        return None
-    return apply(model, [h.geometry_dict() for h in dense_plan.heads], dense_stride, inplace=True).geometry
+        return maps
+    return apply(model, maps, dense_stride, inplace=True).geometry

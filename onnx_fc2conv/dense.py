@@ -16,26 +16,24 @@ everything after its axis, it is wrapped in Transposes that make the class
 axis last. The image input's spatial dims become symbolic.
 
 This module decides (and refuses, naming the node); plan.py and rewrite.py
-carry it out.
+carry it out (:func:`signature`: the inputs, value_info and outputs).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 import onnx
-from onnx import helper
 
 from . import ops
 from .errors import Fc2ConvError
 from .find import Head, Layer
 from .rules import Context, Refusal
-from .rules.collapse import WINDOWED_POOL, covers, head_pool, pooled_map
+from .rules.collapse import covers, head_pool, pooled_map
 from .rules.steps import match_step
 from .geometry import MapAxis, MapGeometry, pooled_segment, trace
 from .graph import GraphIndex, node_key, node_label
+from .plan import SignaturePlan
 from .shapes import TensorInfo
 
 AXIS_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
@@ -147,9 +145,9 @@ def _head_pool(ctx: Context, head: Head):
         tshape = ctx.shape(source)
         if tshape is None or not all(isinstance(d, int) for d in tshape[2:]):
             raise Fc2ConvError(f"the map {source!r} that the head pools has an unknown size; give --input-shape")
-        return None, None, source, tuple((p, WINDOWED_POOL[p.op_type]) for p in pools), tuple(views)
+        return None, None, source, tuple((p, ops.WINDOWED_POOL[p.op_type]) for p in pools), tuple(views)
     label = f"{producer.op_type} {node_label(producer)!r}"
-    pool_op = WINDOWED_POOL.get(producer.op_type)
+    pool_op = ops.WINDOWED_POOL.get(producer.op_type)
     if pool_op is None:
         raise Fc2ConvError(f"{label} before FC {head.fcs[0].name!r} has no windowed pool equivalent; "
                            "the model cannot be made dense")
@@ -195,37 +193,14 @@ def _tail(ctx: Context, head: Head):
     return tail, outputs
 
 
-def plan_trunk_reshape(idx: GraphIndex, namer, node: onnx.NodeProto, s: int, middle: list):
-    """A Reshape that pins the spatial size (a channel shuffle) gets its
-    shape from its input: ``Concat(Shape(x)[0], middle, Shape(x)[-s:])``.
-    Returns (nodes, initializers)."""
-    x = node.input[0]
-    sh, b, sp, shape = (namer(f"{x}_shape"), namer(f"{x}_batch"), namer(f"{x}_spatial"), namer(f"{x}_dense_shape"))
-    first, last, mid = namer(f"{x}_i0"), namer(f"{x}_ispatial"), namer(f"{x}_middle")
-    inits = [(first, np.array([0], np.int64)), (last, np.arange(-s, 0, dtype=np.int64)),
-             (mid, np.array(middle, np.int64))]
-    reshape = onnx.NodeProto()
-    reshape.CopyFrom(node)
-    reshape.input[1] = shape
-    nodes = [helper.make_node("Shape", [x], [sh], name=namer(f"{node.name}_shape")),
-             helper.make_node("Gather", [sh, first], [b], name=namer(f"{node.name}_batch"), axis=0),
-             helper.make_node("Gather", [sh, last], [sp], name=namer(f"{node.name}_spatial"), axis=0),
-             helper.make_node("Concat", [b, mid, sp], [shape], name=namer(f"{node.name}_concat"), axis=0),
-             reshape]
-    return nodes, inits
-
-
-def symbolic_inputs(model: onnx.ModelProto, plan: DensePlan) -> None:
-    """Make the image inputs' spatial dims symbolic, in place."""
-    for inp in model.graph.input:
-        axes = plan.image_inputs.get(inp.name)
-        if not axes:
-            continue
+def _symbolic_dims(plan: DensePlan) -> tuple:
+    """``(input, axis, dim_param)`` for every spatial axis of the image inputs."""
+    dims = []
+    for inp, axes in plan.image_inputs.items():
         names = AXIS_NAMES.get(len(axes), tuple(f"s{i}" for i in range(len(axes))))
-        dims = inp.type.tensor_type.shape.dim
         for name, axis in zip(names, sorted(axes)):
-            dims[axis].Clear()
-            dims[axis].dim_param = name if len(plan.image_inputs) == 1 else f"{inp.name}_{name}"
+            dims.append((inp, axis, name if len(plan.image_inputs) == 1 else f"{inp}_{name}"))
+    return tuple(dims)
 
 
 def window_sizes(plan: DensePlan, extra: int = 2) -> list[dict]:
@@ -246,43 +221,19 @@ def window_sizes(plan: DensePlan, extra: int = 2) -> list[dict]:
     return sizes
 
 
-def finish(model: onnx.ModelProto, plan: DensePlan) -> None:
-    """After the rewrite: symbolic spatial input dims, no stale value_info,
-    and output types inferred afresh (``[N, classes, H', W']``)."""
-    from . import shapes as shapes_mod
-
-    symbolic_inputs(model, plan)
-    del model.graph.value_info[:]
+def signature(plan: DensePlan) -> SignaturePlan:
+    """What the dense model changes besides nodes, for rewrite.apply:
+    symbolic spatial input dims, no stale value_info (the trunk Reshapes'
+    rank restated), the head outputs' shapes inferred afresh
+    (``[N, classes, H', W']``)."""
+    value_info = []
     for name, (elem, lead, sp) in plan.trunk_types.items():
         # the rank, and the leading dims; the spatial dims stay unnamed (a new
         # symbol would not unify with what tract derives from the input's)
         dims = [d if isinstance(d, int) else (d if isinstance(d, str) and not d.startswith("unk__") else None)
                 for d in lead] + [None] * sp
-        model.graph.value_info.append(helper.make_tensor_value_info(name, elem, dims))
-    head_outputs = {o for h in plan.heads for o in h.outputs}
+        value_info.append((name, elem, tuple(dims)))
     spatial = len(plan.heads[0].window)
     names = AXIS_NAMES.get(spatial, tuple(f"s{i}" for i in range(spatial)))
-    before = {}
-    for o in model.graph.output:
-        if o.name in head_outputs:
-            before[o.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                              for d in o.type.tensor_type.shape.dim]
-            o.type.tensor_type.ClearField("shape")
-    infos = shapes_mod.infer(model)
-    for o in model.graph.output:
-        if o.name not in head_outputs:
-            continue
-        info = infos.get(o.name)
-        # What inference found, else the original dims followed by the map's
-        # (an output of a channel-shuffled trunk may defeat inference).
-        dims = list(info.shape) if info is not None and info.shape is not None else \
-            before[o.name] + [None] * spatial
-        shape = o.type.tensor_type.shape
-        for i, d in enumerate(dims):
-            dim = shape.dim.add()
-            if isinstance(d, int):
-                dim.dim_value = d
-            elif isinstance(d, str) and d and not d.startswith("unk__"):
-                dim.dim_param = d
-            elif i >= len(dims) - spatial:
-                dim.dim_param = f"{o.name}_{names[i - (len(dims) - spatial)]}"
+    outputs = tuple(dict.fromkeys(o for h in plan.heads for o in h.outputs))
+    return SignaturePlan(_symbolic_dims(plan), tuple(value_info), outputs, names)

@@ -40,6 +40,7 @@ import onnx
 from onnx import helper
 
 from .errors import Fc2ConvError
+from .geometry import MapGeometry
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,8 @@ def prepare(model, *, dense_stride: int | None = None, input_shapes=None) -> Pre
         if dense_stride:
             from . import atrous
 
-            fine = atrous.apply(result.model, [geometry], dense_stride)
-            result.model, geometry = fine.model, fine.geometry[0]
+            fine = atrous.apply(result.model, [MapGeometry.from_dict(geometry)], dense_stride)
+            result.model, geometry = fine.model, fine.geometry[0].to_dict()
     dense = result.model
     axes = geometry["axes"]
     if len(axes) != 2:
@@ -140,7 +141,7 @@ def _traced_geometry(model: onnx.ModelProto):
     output whose spatial axes trace back to an input."""
     from .atrous import traced_geometry
 
-    found = traced_geometry(model)
+    found = [g.to_dict() for g in traced_geometry(model)]
     if not found:
         raise Fc2ConvError("the model has no FC head to make dense and no output that is a score map "
                            "[N, classes, H', W']; heatmap needs an image classifier")

@@ -27,6 +27,18 @@ class HeadPlan:
     retyped: tuple = ()              # (initializer name, new dims): a weight reused as a kernel in place
 
 
+@dataclass(frozen=True)
+class SignaturePlan:
+    """What dense mode changes besides nodes (dense.signature):
+    rewrite.apply makes these input dims symbolic, replaces every value_info
+    by ``value_info``, and infers the shapes of ``outputs`` afresh, naming a
+    spatial dim inference leaves unknown ``<output>_<spatial name>``."""
+    symbolic: tuple = ()         # (input name, axis, dim_param)
+    value_info: tuple = ()       # (tensor name, elem type, dims: int, str or None each)
+    outputs: tuple = ()          # graph outputs whose shapes are inferred afresh
+    spatial_names: tuple = ()    # the names of the map's spatial axes ("height", "width")
+
+
 class Namer:
     """Fresh tensor and node names that collide with nothing in the graph."""
 
@@ -86,8 +98,6 @@ def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, *, fold_ba
 
 def plan_trunk_fixes(idx: GraphIndex, namer: Namer, dense) -> list[HeadPlan]:
     """Dense mode: trunk Reshapes that pin the spatial size take it from their input."""
-    from .dense import plan_trunk_reshape
-
     out = []
     for node, s, middle in dense.trunk_reshapes:
         nodes, inits = plan_trunk_reshape(idx, namer, node, s, middle)
@@ -304,3 +314,23 @@ def _dense_tail(idx: GraphIndex, namer: Namer, head: Head, dh, out: _Out) -> Non
                                     head.spatial_rank, idx.opset, dense=True, suffix="_dense")
         out.add(new_nodes, new_inits)
         out.removed.add(node_key(step.node))
+
+
+def plan_trunk_reshape(idx: GraphIndex, namer, node: onnx.NodeProto, s: int, middle: list):
+    """A Reshape that pins the spatial size (a channel shuffle) gets its
+    shape from its input: ``Concat(Shape(x)[0], middle, Shape(x)[-s:])``.
+    Returns (nodes, initializers)."""
+    x = node.input[0]
+    sh, b, sp, shape = (namer(f"{x}_shape"), namer(f"{x}_batch"), namer(f"{x}_spatial"), namer(f"{x}_dense_shape"))
+    first, last, mid = namer(f"{x}_i0"), namer(f"{x}_ispatial"), namer(f"{x}_middle")
+    inits = [(first, np.array([0], np.int64)), (last, np.arange(-s, 0, dtype=np.int64)),
+             (mid, np.array(middle, np.int64))]
+    reshape = onnx.NodeProto()
+    reshape.CopyFrom(node)
+    reshape.input[1] = shape
+    nodes = [helper.make_node("Shape", [x], [sh], name=namer(f"{node.name}_shape")),
+             helper.make_node("Gather", [sh, first], [b], name=namer(f"{node.name}_batch"), axis=0),
+             helper.make_node("Gather", [sh, last], [sp], name=namer(f"{node.name}_spatial"), axis=0),
+             helper.make_node("Concat", [b, mid, sp], [shape], name=namer(f"{node.name}_concat"), axis=0),
+             reshape]
+    return nodes, inits

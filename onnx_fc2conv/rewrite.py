@@ -11,8 +11,9 @@ import heapq
 import onnx
 from onnx import helper, numpy_helper
 
+from . import shapes as shapes_mod
 from .graph import node_key, subgraph_inputs
-from .plan import HeadPlan
+from .plan import HeadPlan, SignaturePlan
 
 
 def _reads(graph: onnx.GraphProto) -> set[str]:
@@ -23,9 +24,15 @@ def _reads(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def apply(model: onnx.ModelProto, plans: list[HeadPlan]) -> None:
-    if not plans:
-        return
+def apply(model: onnx.ModelProto, plans: list[HeadPlan], signature: SignaturePlan | None = None) -> None:
+    """Swap in the planned nodes, then (dense mode) the planned signature."""
+    if plans:
+        _apply_nodes(model, plans)
+    if signature is not None:
+        _apply_signature(model, signature)
+
+
+def _apply_nodes(model: onnx.ModelProto, plans: list[HeadPlan]) -> None:
     graph = model.graph
     read_before = _reads(graph)
     anchors = {p.anchor: p for p in plans}
@@ -64,6 +71,46 @@ def apply(model: onnx.ModelProto, plans: list[HeadPlan]) -> None:
     written = {o for p in plans for n in p.nodes for o in n.output} | {n for p in plans for n, _ in p.initializers}
     retyped = {n for p in plans for n, _ in p.retyped}
     _drop_stale_value_info(graph, written | retyped)
+
+
+def _apply_signature(model: onnx.ModelProto, sig: SignaturePlan) -> None:
+    """Symbolic input dims, value_info replaced, the outputs' shapes inferred
+    afresh (else their old leading dims followed by unknown spatial ones)."""
+    graph = model.graph
+    inputs = {i.name: i for i in graph.input}
+    for name, axis, param in sig.symbolic:
+        dim = inputs[name].type.tensor_type.shape.dim[axis]
+        dim.Clear()
+        dim.dim_param = param
+    del graph.value_info[:]
+    for name, elem, dims in sig.value_info:
+        graph.value_info.append(helper.make_tensor_value_info(name, elem, list(dims)))
+    outputs = set(sig.outputs)
+    spatial = len(sig.spatial_names)
+    before = {}
+    for o in graph.output:
+        if o.name in outputs:
+            before[o.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                              for d in o.type.tensor_type.shape.dim]
+            o.type.tensor_type.ClearField("shape")
+    infos = shapes_mod.infer(model)
+    for o in graph.output:
+        if o.name not in outputs:
+            continue
+        info = infos.get(o.name)
+        # What inference found, else the original dims followed by the map's
+        # (an output of a channel-shuffled trunk may defeat inference).
+        dims = list(info.shape) if info is not None and info.shape is not None else \
+            before[o.name] + [None] * spatial
+        shape = o.type.tensor_type.shape
+        for i, d in enumerate(dims):
+            dim = shape.dim.add()
+            if isinstance(d, int):
+                dim.dim_value = d
+            elif isinstance(d, str) and d and not d.startswith("unk__"):
+                dim.dim_param = d
+            elif i >= len(dims) - spatial:
+                dim.dim_param = f"{o.name}_{sig.spatial_names[i - (len(dims) - spatial)]}"
 
 
 def _drop_stale_value_info(graph: onnx.GraphProto, rewritten: set[str]) -> None:
