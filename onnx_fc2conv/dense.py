@@ -91,6 +91,9 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
     recorded in ``DensePlan.refusals`` instead of refused."""
     ctx = ctx or Context(GraphIndex(model), shapes)
     idx = ctx.idx
+    dynamic = _dynamic_quantization(heads)
+    if dynamic and not lenient:
+        raise Fc2ConvError(dynamic[0])
     pools = [_head_pool(ctx, head) for head in heads]
     found = trace(idx, shapes, [p[2] for p in pools], keep_global=keep_global_pools or lenient, lenient=lenient)
     # an FC the trunk applies per position (a Linear over a channels-last map)
@@ -100,7 +103,7 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
         if not layer.converted and layer.name not in per_position:
             raise Fc2ConvError(f"FC {layer.name!r} is not converted ({layer.reason}); dense mode needs every FC "
                                "to become a convolution")
-    out = DensePlan([], kept_global=found.kept_global, refusals=found.refusals)
+    out = DensePlan([], kept_global=found.kept_global, refusals=dynamic + found.refusals)
     for head, (pool, pool_op, source, segment, views) in zip(heads, pools):
         window = tuple(int(d) for d in ctx.shape(source)[2:])
         geo = found.geo.get(source, {})
@@ -127,6 +130,17 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
             raise Fc2ConvError(f"the native size of input {name!r} is not known; give it with --input-shape")
         out.native[name] = native
     return out
+
+
+def _dynamic_quantization(heads: list[Head]) -> list[str]:
+    """Why a head's dynamically quantized FC cannot be dense (one sentence
+    each): its DynamicQuantizeLinear takes its scale over the whole tensor,
+    so a position of the map would not see the scale the original computes
+    on its window. Decided here once, for inspect and convert alike."""
+    return [f"dense mode: FC {fc.name!r} quantizes its input with DynamicQuantizeLinear, whose scale is taken over "
+            "the whole tensor, so a position of the dense map would not see the scale the original computes on its "
+            "window; convert it in keep mode"
+            for head in heads for fc in head.fcs if fc.quant is not None and fc.quant.format == "integer"]
 
 
 def _head_pool(ctx: Context, head: Head):

@@ -158,8 +158,10 @@ def trace(idx: GraphIndex, shapes, sources, *, keep_global: bool = False, lenien
     cone = _cone(idx, sources)
     # Pass 1 learns which input axes reach the heads' spatial axes (an NHWC
     # input's channel axis does not); pass 2 checks with only those spatial.
+    # Only the maps' spatial axes (2..) count: a residual from the input
+    # (Add(Relu(Conv(x)), x)) carries the input's channel axis into the map's.
     first = _Pass(idx, shapes, cone, None, keep_global=True, lenient=True).run()
-    wanted = {(a.input, a.input_axis) for s in sources for a in first.geo.get(s, {}).values()}
+    wanted = {(a.input, a.input_axis) for s in sources for axis, a in first.geo.get(s, {}).items() if axis >= 2}
     return _Pass(idx, shapes, cone, wanted, keep_global=keep_global, lenient=lenient).run()
 
 

@@ -248,8 +248,7 @@ def _items(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh, fo
             if item.quant is not None:  # integer kernel and its quantized op (rules/quant.py)
                 y = item.output if dh is not None else namer(f"{item.output}_conv")
                 strides = [int(fshape[1])] + [1] * (spatial - 1) if fold and first_conv else None
-                out.add(*quant.emit(item, x, y, idx, namer, kernel_cache, fshape, perm, strides,
-                                    dense=dh is not None))
+                out.add(*quant.emit(item, x, y, idx, namer, kernel_cache, fshape, perm, strides))
                 first_conv, x = False, y
                 continue
             x = _conv(idx, namer, item, key, fshape, perm, kernel_cache, dh, fold and first_conv, x, out)

@@ -324,3 +324,24 @@ def test_channel_shuffle_in_the_trunk():
         }""", cw=w(4, 3, 1, 1), s3=np.array([-1, 4, 20], np.int64), cw1=w(4, 4, 1), w=w(6, 80))
     with pytest.raises(Fc2ConvError, match="Reshape 'm' in the trunk reshapes spatial axes"):
         convert(merged, dense=True)
+
+
+def test_residual_from_the_input_keeps_its_geometry():
+    """``Add(Relu(Conv(x)), x)`` with 4 channels in and out: the input's
+    channel axis flows through the Add into the map's channel axis, which is
+    no spatial axis; the block is per position with a 3x3 receptive field."""
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,4,6,6] x) => (float[N,3] y) {
+          c = Conv <kernel_shape=[3,3], pads=[1,1,1,1]> (x, cw)
+          r = Relu(c)
+          s = Add(r, x)
+          f = Flatten(s)
+          y = Gemm <transB=1> (f, fw, fb)
+        }""", cw=w(4, 4, 3, 3), fw=w(3, 144, scale=0.05), fb=w(3))
+    model.graph.node[0].name = "blk0_conv"
+    result, _ = assert_dense(model)
+    (g,) = result.maps
+    assert [(a.stride, a.receptive_field, a.offset, a.window) for a in g.axes] == [(1, 8, -1, 6)] * 2
+    assert inspect(model).dense_reason is None
+

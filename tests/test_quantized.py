@@ -1,4 +1,4 @@
-"""Quantized FCs (quant.py, rules/fc.py): QDQ, QOperator and dynamic
+"""Quantized FCs (rules/quant.py, rules/fc.py): QDQ, QOperator and dynamic
 quantization keep their integer weights as integer initializers, convert to
 DequantizeLinear -> Conv / QLinearConv / ConvInteger, and match onnxruntime
 on the original quantized model within one quantization step (verify.py).
@@ -368,6 +368,12 @@ def test_matmul_integer_per_channel_and_dense_refusal():
     np.testing.assert_array_equal(run(result.model, x)[0], run(model, x)[0])
     with pytest.raises(Fc2ConvError, match="dense mode: FC .* quantizes its input with DynamicQuantizeLinear"):
         convert(model, dense=True)
+    # one decision: inspect says what convert --dense does, with the same sentence
+    reason = inspect(model).dense_reason
+    assert reason is not None and "quantizes its input with DynamicQuantizeLinear" in reason
+    with pytest.raises(Fc2ConvError) as refused:
+        convert(model, dense=True)
+    assert str(refused.value) == reason
     differing = convert(_dynamic([0, 1, 0, 0, 0]))
     assert differing.layers[0].reason == ("its weight zero points differ per output feature: ConvInteger "
                                           "(onnxruntime) takes one weight zero point")

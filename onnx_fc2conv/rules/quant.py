@@ -25,7 +25,8 @@ so they do on the kernel. The formats (what onnxruntime.quantization writes):
   sw) [-> Add(bias)]`` -> the same with ``ConvInteger``; the
   DynamicQuantizeLinear moves onto the map, where it sees the same elements
   (its scale is over the whole tensor, so it is the same), and per-feature
-  constants become ``[M, 1, ...]``.
+  constants become ``[M, 1, ...]``. Keep mode only: dense.analyse refuses it
+  (one decision, which inspect and convert share).
 
 A weight quantized along the input features, in blocks, or in a type the
 rewrite cannot carry is refused with the reason: never dequantized.
@@ -44,7 +45,6 @@ import onnx
 from onnx import helper
 
 from .. import kernels, ops
-from ..errors import Fc2ConvError
 from ..graph import attr, node_label
 from . import FC, Context, Dequant, Quant, Refusal
 
@@ -421,17 +421,13 @@ def _integer(node: onnx.NodeProto, ctx: Context):
 
 # -- emission ----------------------------------------------------------------
 
-def emit(fc, x: str, out: str, idx, namer, kernel_cache: dict, fshape: tuple, perm, strides=None, *,
-         dense: bool = False) -> tuple[list, list]:
+def emit(fc, x: str, out: str, idx, namer, kernel_cache: dict, fshape: tuple, perm,
+         strides=None) -> tuple[list, list]:
     """The quantized FC ``fc`` on the map ``x`` (``[N, C, *S]``), writing
     ``out``: (nodes, initializers). The integer kernel is computed once per
     weight and layout (``kernel_cache``)."""
     q = fc.quant
     spatial = len(fshape) - 1
-    if dense and q.format == "integer":
-        raise Fc2ConvError(f"dense mode: FC {fc.name!r} quantizes its input with DynamicQuantizeLinear, whose scale "
-                           "is taken over the whole tensor, so a position of the dense map would not see the scale "
-                           "the original computes on its window; convert it in keep mode")
     nodes: list = []
     inits: list = []
     for node in q.pre:
