@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from . import atrous, dense as dense_mod, find, load as load_mod, plan as plan_mod, rewrite, shapes as shapes_mod, verify
+from . import atrous, dense as dense_mod, fcn_check, find, load as load_mod, plan as plan_mod, rewrite, shapes as shapes_mod, verify
 from .errors import Fc2ConvError
 from .find import Layer
 from .geometry import MapGeometry
@@ -42,7 +42,8 @@ class ConversionResult:
 
     @property
     def changed(self) -> bool:
-        return self.converted > 0
+        """FCs converted, or (dense mode) a convolutional model's fixed spatial input size freed."""
+        return self.converted > 0 or (self.dense and bool(self.geometry))
 
     def to_dict(self) -> dict:
         return {"source": self.source, "mode": "dense" if self.dense else "keep", "heads": self.heads,
@@ -160,19 +161,36 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
     map_fcs = find.find_map_fcs(ctx, layers)
     if dense and not heads and any(not layer.converted for layer in layers):
         raise Fc2ConvError(_none_converted([layer for layer in layers if not layer.converted]))
-    dense_plan = dense_mod.analyse(loaded.model, ctx.shapes, heads, layers, overrides, ctx=ctx,
-                                   keep_global_pools=keep_global_pools) if dense and heads else None
+    dense_plan = _dense_plan(loaded.model, ctx, heads, layers, overrides, keep_global_pools) if dense else None
     plans = plan_mod.plan_heads(loaded.model, heads, dense_plan, fold_batch=fold_batch, idx=ctx.idx,
                                 map_fcs=map_fcs)
     rewrite.apply(loaded.model, plans, dense_mod.signature(dense_plan) if dense_plan is not None else None)
-    maps = atrous.for_convert(loaded.model, dense, [h.map_geometry() for h in dense_plan.heads] if dense_plan else [],
-                              dense_stride)
+    maps = atrous.for_convert(loaded.model, dense, _maps(dense_plan), dense_stride)
     if strict:
         problem = shapes_mod.strict_problem(loaded.model)
         assert problem is None, f"the converted model fails onnx's full check or strict inference: {problem}"
     log.info("converted %d of %d FC layers in %d head(s)", sum(l.converted for l in layers), len(layers), len(heads))
     return ConversionResult(loaded.model, layers, len(heads), dense, str(loaded.path) if loaded.path else None,
                             overrides, [g.to_dict() for g in maps], original_io)
+
+
+def _dense_plan(model, ctx, heads, layers, overrides, keep_global_pools):
+    """The dense analysis: of the heads, or, for a model without FC heads that
+    is convolutional already, the plan that frees its fixed spatial input
+    size (dense.convolutional); None when there is nothing to make dense."""
+    if heads:
+        return dense_mod.analyse(model, ctx.shapes, heads, layers, overrides, ctx=ctx,
+                                 keep_global_pools=keep_global_pools)
+    if all(layer.converted for layer in layers):
+        return dense_mod.convolutional(ctx, overrides, keep_global_pools=keep_global_pools)
+    return None
+
+
+def _maps(dense_plan) -> list:
+    """The dense geometry (geometry.MapGeometry per head or output group)."""
+    if dense_plan is None:
+        return []
+    return [h.map_geometry() for h in dense_plan.heads] + list(dense_plan.maps)
 
 
 def _none_converted(layers) -> str:
@@ -189,14 +207,13 @@ def inspect(model, input_shapes=None, keep_global_pools: bool = False) -> Inspec
     overrides, ctx, heads, layers = _find(loaded.model, overrides)
     find.find_map_fcs(ctx, layers)
     geometry, reason = [], None
-    if heads:
+    if heads or all(layer.converted for layer in layers):
         try:
-            plan = dense_mod.analyse(loaded.model, ctx.shapes, heads, layers, overrides, ctx=ctx,
-                                     keep_global_pools=keep_global_pools)
-            geometry = [h.geometry_dict() for h in plan.heads]
+            geometry = [g.to_dict() for g in _maps(_dense_plan(loaded.model, ctx, heads, layers, overrides,
+                                                               keep_global_pools))]
         except Fc2ConvError as exc:
             reason = str(exc)
-    elif any(not layer.converted for layer in layers):
+    else:
         reason = _none_converted([layer for layer in layers if not layer.converted])
     return InspectResult(layers, str(loaded.path) if loaded.path else None, geometry, reason)
 
@@ -221,6 +238,13 @@ def check_result(result: ConversionResult, provider: str = "cpu", inputs=None, a
     """Check what :func:`convert` returned against the model it read (the CLI's
     ``convert --check``): keep mode reads only the original's inputs and
     outputs from the result, so a large original is not loaded twice."""
+    if result.dense and result.changed and not result.heads:  # a convolutional model whose size was freed
+        if inputs is not None:
+            raise Fc2ConvError("--inputs is not used by the dense check, which makes its own larger inputs; "
+                               "leave it out")
+        return fcn_check.check_convolutional(load_mod.load(result.source, check=False).model, result.model,
+                                             result.maps, provider=provider, atol=atol, rtol=rtol,
+                                             input_shapes=result.input_shapes)
     original = result.source if result.source is not None else result.original_io
     return _dispatch(original, lambda: load_mod.load(result.source, check=False).model, result.model, result.model,
                      dense=result.dense and result.changed, provider=provider, inputs=inputs, atol=atol, rtol=rtol,

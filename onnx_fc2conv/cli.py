@@ -222,7 +222,9 @@ def _geometry_lines(geometry, prefix: str = "dense") -> list[str]:
     for i, g in enumerate(geometry):
         axes = g["axes"]
         fmt = lambda key: "x".join(str(a[key]) for a in axes)  # noqa: E731
-        lines.append(f"{prefix} head {i} -> {', '.join(g['outputs'])}: window {fmt('window')} of {g['window_source']!r}; "
+        where = (f"window {fmt('window')} of {g['window_source']!r}" if g["window_source"] is not None
+                 else "a map already (no FC head)")
+        lines.append(f"{prefix} head {i} -> {', '.join(g['outputs'])}: {where}; "
                      f"in input pixels: stride {fmt('stride')}, receptive field {fmt('receptive_field')}, "
                      f"offset {fmt('offset')}" + (" (trunk pads)" if g["padded"] else ""))
     if geometry:

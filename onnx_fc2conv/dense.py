@@ -21,6 +21,7 @@ carry it out (:func:`signature`: the inputs, value_info and outputs).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import onnx
@@ -35,6 +36,8 @@ from .geometry import MapAxis, MapGeometry, pooled_segment, trace
 from .graph import GraphIndex, node_key, node_label
 from .plan import SignaturePlan
 from .shapes import TensorInfo
+
+log = logging.getLogger(__name__)
 
 AXIS_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
 
@@ -78,6 +81,9 @@ class DensePlan:
     trunk_types: dict = field(default_factory=dict)
     kept_global: list = field(default_factory=list)     # trunk pools kept global (--keep-global-pools)
     refusals: list = field(default_factory=list)        # lenient analysis: what is not per position
+    # a model without FC heads whose outputs are maps already (convolutional):
+    # geometry.MapGeometry per group of outputs that share their geometry
+    maps: list = field(default_factory=list)
 
 
 def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[Head], layers: list[Layer],
@@ -118,11 +124,7 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
         out.heads.append(dh)
         for a in dh.geometry:
             out.image_inputs.setdefault(a.input, set()).add(a.input_axis)
-    out.trunk_reshapes = found.reshapes
-    for node, sp, _ in out.trunk_reshapes:
-        info = shapes.get(node.output[0])
-        if info is not None and info.shape is not None:
-            out.trunk_types[node.output[0]] = (info.elem_type, list(info.shape[:len(info.shape) - sp]), sp)
+    _trunk(out, found, shapes)
     for name, axes in out.image_inputs.items():
         info = shapes.get(name)
         native = overrides.get(name) or (list(info.shape) if info and info.shape else None)
@@ -130,6 +132,70 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
             raise Fc2ConvError(f"the native size of input {name!r} is not known; give it with --input-shape")
         out.native[name] = native
     return out
+
+
+def _trunk(out: DensePlan, found, shapes) -> None:
+    """The trunk Reshapes to rewrite, and their outputs' types to restate."""
+    out.trunk_reshapes = found.reshapes
+    for node, sp, _ in out.trunk_reshapes:
+        info = shapes.get(node.output[0])
+        if info is not None and info.shape is not None:
+            out.trunk_types[node.output[0]] = (info.elem_type, list(info.shape[:len(info.shape) - sp]), sp)
+
+
+def convolutional(ctx: Context, overrides: dict, *, keep_global_pools: bool = False) -> DensePlan | None:
+    """A model without FC heads that is fully convolutional already but whose
+    export fixes the spatial input size (MTCNN's P-Net at 12x12): every graph
+    output is a map ``[N, C, *S]`` whose spatial axes trace back to input
+    axes, through a trunk the allow-list accepts. The plan frees those input
+    dims (and rewrites Reshapes that pin them); its ``maps`` are the geometry.
+
+    None when the model is not one: an output without positions (a classifier
+    whose global pool ends the map), input dims that are free already, or a
+    trunk op that is not per position (logged with the reason)."""
+    idx = ctx.idx
+    outputs = [o.name for o in idx.graph.output]
+    try:
+        seen = trace(idx, ctx.shapes, outputs, keep_global=True, lenient=True)
+    except Fc2ConvError as exc:  # paths that join at different strides: no map geometry
+        log.info("dense: the outputs are not maps of the input: %s", exc)
+        return None
+    for o in outputs:
+        rank = ctx.rank(o)
+        if rank is None or rank < 3 or sorted(seen.geo.get(o) or {}) != list(range(2, rank)):
+            return None
+    inputs = {(a.input, a.input_axis) for o in outputs for a in seen.geo[o].values()}
+    if all(not isinstance(_dim(ctx, overrides, name, axis), int) for name, axis in inputs):
+        return None  # every spatial input dim is free already: nothing to change
+    try:
+        found = trace(idx, ctx.shapes, outputs, keep_global=keep_global_pools)
+    except Fc2ConvError as exc:
+        log.warning("dense: the model has no FC head and its outputs are maps, but its spatial input size stays "
+                    "fixed: %s", exc)
+        return None
+    out = DensePlan([], kept_global=found.kept_global)
+    groups: dict[tuple, list] = {}
+    for o in outputs:
+        geo = found.geo[o]
+        axes = tuple(MapAxis(a.input, a.input_axis, a.stride, a.receptive_field, a.offset)
+                     for a in (geo[k] for k in sorted(geo)))
+        groups.setdefault(axes, []).append((o, any(a.padded for a in geo.values())))
+    for axes, members in groups.items():
+        out.maps.append(MapGeometry(tuple(o for o, _ in members), axes, padded=any(p for _, p in members)))
+        for a in axes:
+            out.image_inputs.setdefault(a.input, set()).add(a.input_axis)
+    _trunk(out, found, ctx.shapes)
+    for name in out.image_inputs:
+        info = ctx.shapes.get(name)
+        native = overrides.get(name) or (list(info.shape) if info and info.shape else None)
+        if native is not None:
+            out.native[name] = native
+    return out
+
+
+def _dim(ctx: Context, overrides: dict, name: str, axis: int):
+    shape = overrides.get(name) or ctx.shape(name)
+    return shape[axis] if shape is not None and axis < len(shape) else None
 
 
 def _dynamic_quantization(heads: list[Head]) -> list[str]:
@@ -247,7 +313,7 @@ def signature(plan: DensePlan) -> SignaturePlan:
         dims = [d if isinstance(d, int) else (d if isinstance(d, str) and not d.startswith("unk__") else None)
                 for d in lead] + [None] * sp
         value_info.append((name, elem, tuple(dims)))
-    spatial = len(plan.heads[0].window)
+    spatial = len(plan.heads[0].window) if plan.heads else len(plan.maps[0].axes)
     names = AXIS_NAMES.get(spatial, tuple(f"s{i}" for i in range(spatial)))
-    outputs = tuple(dict.fromkeys(o for h in plan.heads for o in h.outputs))
+    outputs = tuple(dict.fromkeys([o for h in plan.heads for o in h.outputs] + [o for g in plan.maps for o in g.outputs]))
     return SignaturePlan(_symbolic_dims(plan), tuple(value_info), outputs, names)

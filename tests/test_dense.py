@@ -345,3 +345,125 @@ def test_residual_from_the_input_keeps_its_geometry():
     assert [(a.stride, a.receptive_field, a.offset, a.window) for a in g.axes] == [(1, 8, -1, 6)] * 2
     assert inspect(model).dense_reason is None
 
+
+
+def pnet(opset: int = 13):
+    """MTCNN's P-Net, as its exports write it: no FC, the input fixed at 12x12,
+    Conv/PReLU/MaxPool(ceil_mode) and two 1x1 Conv heads, the face
+    probability a Softmax over the channels (2) and the box offsets (4)."""
+    return parse(f"""
+        <ir_version: 8, opset_import: ["" : {opset}]>
+        g (float[N,3,12,12] x) => (float[N,2,1,1] prob, float[N,4,1,1] box) {{
+          c1 = Conv <kernel_shape=[3,3]> (x, w1, b1)
+          a1 = PRelu(c1, s1)
+          p1 = MaxPool <kernel_shape=[2,2], strides=[2,2], ceil_mode=1> (a1)
+          c2 = Conv <kernel_shape=[3,3]> (p1, w2, b2)
+          a2 = PRelu(c2, s2)
+          c3 = Conv <kernel_shape=[3,3]> (a2, w3, b3)
+          a3 = PRelu(c3, s3)
+          l1 = Conv <kernel_shape=[1,1]> (a3, w41, b41)
+          prob = Softmax <axis=1> (l1)
+          box = Conv <kernel_shape=[1,1]> (a3, w42, b42)
+        }}""", w1=w(10, 3, 3, 3), b1=w(10), s1=w(10, 1, 1), w2=w(16, 10, 3, 3, scale=0.2), b2=w(16),
+        s2=w(16, 1, 1), w3=w(32, 16, 3, 3, scale=0.15), b3=w(32), s3=w(32, 1, 1), w41=w(2, 32, 1, 1),
+        b41=w(2), w42=w(4, 32, 1, 1), b42=w(4))
+
+
+def test_fully_convolutional_model_with_a_fixed_input_is_freed():
+    """convert --dense on P-Net frees the spatial dims and reports the
+    geometry; the dense model equals the original at 12x12 and, on a
+    126x126 image, the original on every window the geometry names."""
+    from helpers import run
+
+    model = pnet()
+    result = convert(model, dense=True)
+    assert result.changed and result.heads == 0
+    onnx.checker.check_model(result.model, full_check=True)
+    x_dims = result.model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in x_dims[2:]] == ["height", "width"]
+    (g,) = result.maps
+    assert g.outputs == ("prob", "box")
+    # by hand: conv3 (rf 3) -> pool 2/2 (rf 4, stride 2) -> conv3 (rf 8) -> conv3 (rf 12); no padding
+    assert [(a.stride, a.receptive_field, a.offset) for a in g.axes] == [(2, 12, 0)] * 2
+    assert inspect(model).to_dict()["dense"]["geometry"] == result.geometry
+
+    x12 = rng.standard_normal((2, 3, 12, 12)).astype(np.float32)
+    for e, a in zip(run(model, {"x": x12}), run(result.model, {"x": x12})):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+
+    big = rng.standard_normal((1, 3, 126, 126)).astype(np.float32)
+    prob, box = run(result.model, {"x": big})
+    (sy, ry, oy), (sx, rx, ox) = [(a.stride, a.receptive_field, a.offset) for a in g.axes]
+    h, w_ = prob.shape[2:]
+    assert (h, w_) == ((126 - ry) // sy + 1, (126 - rx) // sx + 1) == box.shape[2:]
+    crops = np.stack([big[0, :, oy + i * sy:oy + i * sy + ry, ox + j * sx:ox + j * sx + rx]
+                      for i in range(h) for j in range(w_)])
+    e_prob, e_box = run(model, {"x": crops})
+    np.testing.assert_allclose(prob[0].transpose(1, 2, 0).reshape(-1, 2), e_prob.reshape(-1, 2), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(box[0].transpose(1, 2, 0).reshape(-1, 4), e_box.reshape(-1, 4), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_fully_convolutional_model_with_a_mixing_trunk_stays_fixed(caplog):
+    """Softmax over the channels below opset 13 flattens C, H and W: not per
+    position, so the size stays fixed (and the log says why)."""
+    model = pnet(opset=11)
+    result = convert(model, dense=True)
+    assert not result.changed and result.geometry == []
+    assert result.model.graph.input[0].type.tensor_type.shape.dim[2].dim_value == 12
+    assert "stays fixed" in caplog.text and "Softmax" in caplog.text
+
+
+def test_cli_convert_dense_frees_a_fixed_fully_convolutional_model(tmp_path, capsys):
+    from onnx_fc2conv import cli
+
+    path = tmp_path / "pnet.onnx"
+    onnx.save(pnet(), path)
+    assert cli.main(["convert", str(path), "-o", str(tmp_path / "d.onnx"), "--dense", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to convert" not in out
+    assert "stride 2x2, receptive field 12x12, offset 0x0" in out
+    assert onnx.load(tmp_path / "d.onnx").graph.input[0].type.tensor_type.shape.dim[2].dim_param == "height"
+
+
+def test_the_freed_model_check_fails_on_a_model_that_mixes_positions():
+    """A model equal to P-Net at 12x12 (its last map is 1x1 there, so
+    ``a3 + (a3 - mean(a3))`` is ``a3``) but not on larger inputs: the window
+    comparison must fail where the native one passes."""
+    from onnx import helper
+
+    from onnx_fc2conv.fcn_check import check_convolutional
+
+    model = pnet()
+    result = convert(model, dense=True)
+    assert check_convolutional(model, result.model, result.maps)
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(result.model)
+    for node in wrong.graph.node:
+        for i, name in enumerate(node.input):
+            if name == "a3":
+                node.input[i] = "a3w"
+    at = next(i for i, n in enumerate(wrong.graph.node) if n.output[0] == "a3") + 1
+    for j, node in enumerate([helper.make_node("GlobalAveragePool", ["a3"], ["a3g"]),
+                              helper.make_node("Sub", ["a3", "a3g"], ["a3d"]),
+                              helper.make_node("Add", ["a3", "a3d"], ["a3w"])]):
+        wrong.graph.node.insert(at + j, node)
+    report = check_convolutional(model, wrong, result.maps)
+    assert not report
+    assert all(o.passed for o in report.outputs if "@native" in o.name)
+    assert any(not o.passed for o in report.outputs if "windows" in o.name)
+
+
+def test_heatmap_on_a_fixed_fully_convolutional_model(tmp_path, capsys):
+    """P-Net's heatmap on a 126x126 image: the freed model's 58x58 map
+    (stride 2, 12-px windows), no longer a refusal at the fixed 12x12 size."""
+    from PIL import Image
+
+    from onnx_fc2conv import cli
+
+    onnx.save(pnet(), tmp_path / "pnet.onnx")
+    Image.fromarray((rng.random((126, 126, 3)) * 255).astype(np.uint8)).save(tmp_path / "img.png")
+    assert cli.main(["heatmap", str(tmp_path / "pnet.onnx"), str(tmp_path / "img.png"),
+                     "-o", str(tmp_path / "h.png")]) == 0
+    assert "map 58x58 of 2 classes (stride 2, window 12 px)" in capsys.readouterr().out
