@@ -76,7 +76,7 @@ class DensePlan:
     native: dict = field(default_factory=dict)         # input name -> native shape
     trunk_reshapes: list = field(default_factory=list)  # (Reshape node, spatial rank, middle dims)
     # their outputs' types: name -> (elem type, leading dims); below opset 14
-    # inference cannot tell a Reshape's rank from a computed shape, so finish()
+    # inference cannot tell a Reshape's rank from a computed shape, so signature()
     # writes it down for every consumer downstream
     trunk_types: dict = field(default_factory=dict)
     kept_global: list = field(default_factory=list)     # trunk pools kept global (--keep-global-pools)

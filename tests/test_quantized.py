@@ -232,7 +232,7 @@ def test_qdq_uint8_weight_float_bias_and_no_activation_pair():
 
 
 def test_dequantize_linear_is_never_folded():
-    """graph.FOLDABLE leaves DequantizeLinear out, on any opset: at opset 21
+    """ops.FOLDABLE leaves DequantizeLinear out, on any opset: at opset 21
     onnx's reference evaluator would fold an int8 weight into float32."""
     for opset in (13, 21):
         model = qdq_head(opset)
