@@ -97,11 +97,11 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
     recorded in ``DensePlan.refusals`` instead of refused."""
     ctx = ctx or Context(GraphIndex(model), shapes)
     idx = ctx.idx
+    pools = [_head_pool(ctx, head) for head in heads]
+    found = trace(idx, shapes, [p[2] for p in pools], keep_global=keep_global_pools or lenient, lenient=lenient)
     dynamic = _dynamic_quantization(heads)
     if dynamic and not lenient:
         raise Fc2ConvError(dynamic[0])
-    pools = [_head_pool(ctx, head) for head in heads]
-    found = trace(idx, shapes, [p[2] for p in pools], keep_global=keep_global_pools or lenient, lenient=lenient)
     # an FC the trunk applies per position (a Linear over a channels-last map)
     # is fine as it is; any other FC must have become a convolution
     per_position = {node_label(n) for n in idx.graph.node if n.output and n.output[0] in found.geo}
@@ -109,7 +109,7 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
         if not layer.converted and layer.name not in per_position:
             raise Fc2ConvError(f"FC {layer.name!r} is not converted ({layer.reason}); dense mode needs every FC "
                                "to become a convolution")
-    out = DensePlan([], kept_global=found.kept_global, refusals=dynamic + found.refusals)
+    out = DensePlan([], kept_global=found.kept_global, refusals=found.refusals + dynamic)
     for head, (pool, pool_op, source, segment, views) in zip(heads, pools):
         window = tuple(int(d) for d in ctx.shape(source)[2:])
         geo = found.geo.get(source, {})
