@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from onnx_fc2conv import cli, convert
-from onnx_fc2conv.heatmap import LEGEND_MIN_WIDTH, class_colour, colour_scale
+from onnx_fc2conv.draw import class_colour, colour_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits.onnx"
@@ -94,7 +94,7 @@ def test_top1_png_and_json_agree_with_the_dense_model(digits_canvas, tmp_path, c
 
     png = np.asarray(Image.open(out).convert("RGB"))
     h, w = pixels.shape
-    assert png.shape == (png.shape[0], max(w * zoom, LEGEND_MIN_WIDTH), 3) and png.shape[0] > h * zoom
+    assert png.shape == (h * zoom, w * zoom, 3)      # the image times --zoom, no legend without --legend
     image = np.repeat(np.repeat(np.repeat(pixels[..., None], 3, 2), zoom, 0), zoom, 1)
     area = png[:h * zoom, :w * zoom].astype(int)
     # the margin no window is centred on, (rf - stride)/2 = 3 px, shows the image as it is
@@ -165,8 +165,7 @@ def test_rgb_padded_model_with_mean_std_and_resize(tmp_path, capsys):
     assert report["map_size"] == [3, 5] and report["probability"] == "model output"  # vgg_small ends in Softmax
     np.testing.assert_allclose(np.array(report["scores"]), scores, rtol=1e-5, atol=1e-6)
     assert report["geometry"]["axes"][0]["offset"] == -14
-    w, h = Image.open(tmp_path / "v.png").size
-    assert w == max(64, LEGEND_MIN_WIDTH) and h > 48       # the image (resized) and a legend strip below
+    assert Image.open(tmp_path / "v.png").size == (64, 48)     # the image (resized) as it is, not padded
     assert report["png"]["image_box"] == [0, 0, 64, 48]
 
 
