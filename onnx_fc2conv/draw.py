@@ -268,18 +268,23 @@ class _Axis:
 
     def _area(self, x, axis):
         """``(G(e[i+1]) - G(e[i])) * zoom`` with ``G`` the integral of the
-        piecewise-constant band function and ``e[i] = i / zoom``."""
+        piecewise-constant band function and ``e[i] = i / zoom``: ``G(e) =
+        width * sum(x[:q]) + min(e - start(q), width) * x[q]`` for ``e`` in
+        cell ``q``. The prefix sums are needed only at the pixel edges, so
+        they come from one ``reduceat`` pass over the map, not a cumsum."""
         width = self.stride / self.bands
         t = np.arange(self.pixels + 1) / self.zoom - (self.c0 + self.band * width)
         q = np.floor(t / self.stride).astype(np.int64)
-        inside = np.clip(t - q * self.stride, 0.0, width)               # how far into cell q's band
-        full = np.clip(q, 0, self.cells)                                 # bands wholly before e
-        part = np.where((q >= 0) & (q < self.cells), inside, 0.0)
+        full = np.clip(q, 0, self.cells)                                 # cells wholly before the edge
+        part = np.where((q >= 0) & (q < self.cells), np.clip(t - q * self.stride, 0.0, width), 0.0)
         xm = np.moveaxis(x, axis, 0)
-        cum = np.zeros((self.cells + 1,) + xm.shape[1:])
-        np.cumsum(xm, axis=0, out=cum[1:])
+        edges = np.concatenate([[0], full])
+        seg = np.add.reduceat(xm, np.minimum(edges, self.cells - 1), axis=0, dtype=np.float64)[:-1]
+        seg[edges[:-1] >= edges[1:]] = 0.0                                # empty segments
+        seg[(edges[1:] == self.cells) & (edges[:-1] < self.cells - 1)] += xm[-1]   # ends clipped to cells-1
+        prefix = np.cumsum(seg, axis=0)                                   # sum(x[:full[k]])
         shape = (-1,) + (1,) * (xm.ndim - 1)
-        g = width * cum[full] + part.reshape(shape) * xm[np.clip(q, 0, self.cells - 1)]
+        g = width * prefix + part.reshape(shape) * xm[np.clip(q, 0, self.cells - 1)]
         return np.moveaxis((g[1:] - g[:-1]) * self.zoom, 0, axis)
 
 
