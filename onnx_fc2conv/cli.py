@@ -313,12 +313,11 @@ def _cmd_heatmap(args, out) -> int:
                      provider=args.provider, input_shapes=args.input_shape, labels=labels, progress=args.progress)
     args.progress(f"drawing {args.png}")
     several = len(result.outputs) > 1
-    caption = "; ".join(([f"output {result.output!r}"] if several else [])
-                        + ([f"probabilities: {result.probability_source}"] if args.cls is not None else []))
+    caption = f"output {result.output!r}" if several and args.legend else None
     image = draw.scaled(result.pixels, zoom)
     picture = draw.picture(image, result.probabilities, result.axes,
                            zoom=zoom, cls=args.cls, top=result.top if args.cls is None else None,
-                           labels=labels, legend=args.legend, caption=(caption or None) if args.legend else None)
+                           labels=labels, legend=args.legend, caption=caption)
     data = draw.png_bytes(picture)
     h, w = result.pixels.shape[:2]
     payload = None

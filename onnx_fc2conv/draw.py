@@ -328,7 +328,7 @@ def _label_cells(pen, font, probs, ranking, axes, zoom, size, labels):
 
 
 def _legend_lines(shape, axes, cls, n, ranking, labels, width, textlength) -> list[list[tuple]]:
-    """Legend rows of ("text", str) / ("swatch", class) / ("scale", None) items, fitted to ``width``."""
+    """Legend rows of ("text", str) / ("swatch", class) / ("scale", pixels) items, fitted to ``width``."""
     fmt = lambda key: "x".join(str(getattr(a, key)) for a in axes)  # noqa: E731
     plain = all(a.plain_stride is not None for a in axes)
     lines = _wrap(f"map {shape[1]}x{shape[2]}: stride {fmt('stride')}"
@@ -336,7 +336,8 @@ def _legend_lines(shape, axes, cls, n, ranking, labels, width, textlength) -> li
                   + f", window {fmt('receptive_field')}, offset {fmt('offset')} px", width, textlength)
     if cls is not None:
         lines += _wrap(f"P(class {_name(cls, labels)})", width, textlength)
-        lines.append([("text", "0"), ("scale", None), ("text", "1")])
+        lines.append([("text", "0"), ("scale", int(min(100, max(10, width - 2 * textlength("0") - 12)))),
+                      ("text", "1")])
         return lines
     lines += _wrap(f"top {n} class{'es' if n > 1 else ''} per cell" + (" (bands, best on top)" if n > 1 else "")
                    + "; opacity = probability", width, textlength)
@@ -367,10 +368,10 @@ def _draw_legend(pen, font, lines, y):
             elif kind == "swatch":
                 pen.rectangle([x, y + 1, x + 9, y + 10], fill=class_colour(item))
                 x += 13
-            elif kind == "scale":
-                for i, c in enumerate(colour_scale(np.linspace(0, 1, 100))):
+            elif kind == "scale":                       # item: its width in pixels
+                for i, c in enumerate(colour_scale(np.linspace(0, 1, item))):
                     pen.line([x + i, y + 1, x + i, y + 10], fill=tuple(int(round(v)) for v in c))
-                x += 104
+                x += item + 4
         y += LINE_HEIGHT
 
 

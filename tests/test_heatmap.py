@@ -370,7 +370,8 @@ def two_head_classifier(path):
              helper.make_node("Gemm", ["f", "wp", "bp"], ["logits"], transB=1),
              helper.make_node("Softmax", ["logits"], ["prob"], axis=1),
              helper.make_node("Gemm", ["f", "wb", "bb"], ["box"], transB=1)]
-    graph = helper.make_graph(nodes, "two_heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])],
+    image = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])
+    graph = helper.make_graph(nodes, "two_heads", [image],
                               [helper.make_tensor_value_info("box", TensorProto.FLOAT, ["N", 4]),
                                helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 2])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
