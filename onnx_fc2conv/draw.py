@@ -126,9 +126,9 @@ def picture(image, probs, axes, *, zoom=1.0, cls=None, top=None, labels=None, le
     zoom = _zoom(zoom)
     probs = np.asarray(probs)
     axes = [_axis(a) for a in axes]
-    if len(axes) != 2 or probs.ndim != 3:
-        raise Fc2ConvError(f"a picture needs a map with 2 spatial axes; got {len(axes)} axes and probabilities "
-                           f"of shape {list(probs.shape)}")
+    if len(axes) != 2 or probs.ndim != 3 or min(probs.shape) < 1:
+        raise Fc2ConvError(f"a picture needs a map with 2 spatial axes and at least one class and position; got "
+                           f"{len(axes)} axes and probabilities of shape {list(probs.shape)}")
     classes = probs.shape[0]
     if cls is not None and top is not None:
         raise Fc2ConvError("give cls or top, not both")

@@ -197,8 +197,10 @@ def test_gray_sixteen_bit_and_alpha_images():
                                             ({"cls": 0, "top": 1}, "not both"),
                                             ({"top": 3}, "top 3"),
                                             ({"zoom": 0}, "zoom 0"),
-                                            ({"axes": 1}, "2 spatial axes")])
+                                            ({"axes": 1}, "2 spatial axes"),
+                                            ({"probs": np.zeros((2, 0, 3))}, "shape \\[2, 0, 3\\]")])
 def test_bad_arguments_are_refused(kwargs, needle):
     axes = [axis(4, 4), axis(4, 4)][:kwargs.pop("axes", 2)]
+    probs = kwargs.pop("probs", np.full((2, 1, 1), 0.5))
     with pytest.raises(Fc2ConvError, match=needle):
-        picture(np.zeros((4, 4), np.uint8), np.full((2, 1, 1), 0.5), axes, **kwargs)
+        picture(np.zeros((4, 4), np.uint8), probs, axes, **kwargs)
