@@ -57,7 +57,7 @@ def pillow():
     try:
         from PIL import Image, ImageDraw, ImageFont
     except ImportError:
-        raise Fc2ConvError("drawing needs Pillow to read and write images: pip install pillow") from None
+        raise Fc2ConvError("drawing a map needs Pillow: pip install pillow") from None
     return Image, ImageDraw, ImageFont
 
 

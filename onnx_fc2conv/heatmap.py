@@ -78,6 +78,9 @@ def prepare(model, *, dense_stride: int | None = None, input_shapes=None, output
     by_name = {o: g for g in heads for o in g.outputs}
     maps = {o.name: by_name[o.name] for o in dense.graph.output if o.name in by_name}
     names = [o.name for o in dense.graph.output]
+    if not maps:
+        raise Fc2ConvError(f"none of the dense model's outputs ({', '.join(map(repr, names))}) is a score map "
+                           "[N, classes, H', W'] over the image")
     if output is not None and output not in maps:
         if output not in names:
             raise Fc2ConvError(f"--output {output!r}: the model has no such output; its outputs are "
