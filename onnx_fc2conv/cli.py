@@ -91,10 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     hm._sub = "heatmap"
     hm.add_argument("input", metavar="MODEL.onnx")
     hm.add_argument("image", metavar="IMAGE", help="PNG or JPEG, grayscale or RGB as the model's input wants")
-    hm.add_argument("-o", "--output", required=True, metavar="OUT.png")
+    hm.add_argument("-o", dest="png", required=True, metavar="OUT.png", help="the picture to write")
     what = hm.add_mutually_exclusive_group()
     what.add_argument("--class", dest="cls", type=int, metavar="K", help="paint the probability of class K")
     what.add_argument("--top", type=int, metavar="N", help="paint the N best classes per position (default 1)")
+    hm.add_argument("--output", dest="map_output", metavar="NAME",
+                    help="the model output to draw (default: the one holding class probabilities, or the only "
+                         "one; every output's map goes into --json)")
     hm.add_argument("--scale", default="1/255", metavar="S", help="multiply pixel values (0..255) by S first "
                                                                   "(default 1/255; a fraction or a number)")
     hm.add_argument("--mean", metavar="M", help="then subtract M (one value or one per channel, comma-separated)")
@@ -102,7 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     hm.add_argument("--size", metavar="H,W", help="resize the image to H,W (bilinear) first")
     hm.add_argument("--dense-stride", type=int, metavar="S", help="a finer map of stride S (S divides the "
                                                                    "model's stride; à trous rewrite)")
-    hm.add_argument("--zoom", type=int, default=1, metavar="Z", help="draw the picture Z times larger (default 1)")
+    hm.add_argument("--zoom", type=float, default=1.0, metavar="Z",
+                    help="the picture is the image times Z (default 1; below 1 shrinks it)")
+    hm.add_argument("--legend", action="store_true",
+                    help="add a strip below the picture with the geometry and the colours")
     hm.add_argument("--labels", metavar="FILE.txt", help="class names, one per line")
     hm.add_argument("--json", dest="json_out", metavar="FILE.json",
                     help="write the score map, its geometry and the top classes per position")
@@ -259,10 +265,79 @@ def _cmd_check(args, out) -> int:
     return 0 if report.ok else 1
 
 
-def _cmd_heatmap(args, out) -> int:
-    from . import heatmap
+def _read_labels(path) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise Fc2ConvError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Fc2ConvError(f"{path}: cannot read the labels: {exc}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
-    return heatmap.command(args, out)
+
+def _destination(path, what: str, sources) -> Path:
+    """Where a result goes, refused before any work when it cannot be written
+    or would overwrite an input."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise Fc2ConvError(f"{path}: the {what} folder does not exist")
+    if target.is_dir():
+        raise Fc2ConvError(f"{path}: is a directory; give a file name for the {what}")
+    for src in sources:
+        try:
+            same = target.exists() and os.path.samefile(target, src)
+        except OSError:
+            same = False
+        if same:
+            raise Fc2ConvError(f"{path}: the {what} would overwrite the input {src}; choose another name")
+    return target
+
+
+MAX_ZOOM = 64
+
+
+def _cmd_heatmap(args, out) -> int:
+    """The PNG (and --json), written atomically once everything has worked;
+    nothing is written on an error."""
+    from . import draw
+    from .heatmap import heatmap
+
+    sources = [args.input, args.image]
+    png = _destination(args.png, "picture", sources)
+    js = _destination(args.json_out, "JSON", sources) if args.json_out else None
+    if not 0 < args.zoom <= MAX_ZOOM:
+        raise Fc2ConvError(f"--zoom {args.zoom:g}: give a number above 0 and at most {MAX_ZOOM}")
+    zoom = int(args.zoom) if args.zoom == int(args.zoom) else args.zoom
+    labels = _read_labels(args.labels) if args.labels else None
+    result = heatmap(args.input, args.image, cls=args.cls, top=args.top, output=args.map_output, scale=args.scale,
+                     mean=args.mean, std=args.std, size=args.size, dense_stride=args.dense_stride,
+                     provider=args.provider, input_shapes=args.input_shape, labels=labels, progress=args.progress)
+    args.progress(f"drawing {args.png}")
+    several = len(result.outputs) > 1
+    caption = f"output {result.output!r}" if several and args.legend else None
+    image = draw.scaled(result.pixels, zoom)
+    picture = draw.picture(image, result.probabilities, result.axes,
+                           zoom=zoom, cls=args.cls, top=result.top if args.cls is None else None,
+                           labels=labels, legend=args.legend, caption=caption)
+    data = draw.png_bytes(picture)
+    h, w = result.pixels.shape[:2]
+    payload = None
+    if js is not None:
+        payload = json.dumps(result.to_dict(str(png), zoom, image.shape[:2])).encode() + b"\n"
+    atomic_write(png, [data])
+    if js is not None:
+        atomic_write(js, [payload])
+    ax = result.axes
+    scores = result.scores
+    out(f"{args.image}: {h}x{w} pixels (HxW), map {scores.shape[1]}x{scores.shape[2]} of "
+        f"{scores.shape[0]} classes (stride {ax[0].stride}, window {ax[0].receptive_field} px)"
+        + ("" if result.prep.converted else "; the model was dense already"))
+    if several:
+        others = [n for n in result.outputs if n != result.output]
+        out(f"drew output {result.output!r} ({result.why}); also in --json: {', '.join(map(repr, others))}")
+    out(f"wrote {png}" + (f", {js}" if js is not None else ""))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -285,7 +360,8 @@ def main(argv=None) -> int:
         message = str(exc)
         source = getattr(args, "input", None) or getattr(args, "original", None)
         files = [str(v) for v in (getattr(args, k, None) for k in ("input", "output", "original", "converted",
-                                                                    "inputs", "report", "image", "json_out")) if v]
+                                                                    "inputs", "report", "image", "png",
+                                                                    "json_out")) if v]
         if source and not any(f in message for f in files):
             message = f"{source}: {message}"  # every error names the file it is about
         print(f"{PROG}: error: {message}", file=sys.stderr)

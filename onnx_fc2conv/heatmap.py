@@ -1,34 +1,23 @@
-"""Class scores drawn over an image: the dense model run once on the whole
-image, each map position painted where it looks.
-
-Position ``p`` of a score map along an axis sees the input pixels
-``[offset + p*stride, offset + p*stride + rf - 1]`` (geometry.py). Windows
-overlap, so each position paints only the centre ``stride``-wide cell of its
-window::
-
-    cell(p) = [c0 + p*stride, c0 + (p+1)*stride),   c0 = offset + (rf - stride) / 2
-
-and consecutive cells tile the image without gaps or overlaps; the margin of
-``(rf - stride) / 2`` pixels around the border, which no window is centred on,
-stays unpainted.
+"""Class scores of a whole image: the classifier made dense (unless it is
+already), run once on the image, its score maps read as probabilities.
+``draw.py`` paints them; ``cli.py`` is the command.
 
 Preprocessing: ``x = (pixels * scale - mean) / std`` per channel, pixels as
 stored (0..255 for 8-bit images), in the layout of the model's image input
 (NCHW or NHWC, read from the dense geometry).
 
-Colours are probabilities: the model's output when it already is one (values
-in [0, 1] summing to 1 over the classes at every position), otherwise the
-softmax of the scores over the class axis. ``--class K`` paints P(K) with a
-colour scale; ``--top N`` paints a label map, each cell split into N bands
-(best class first) in its class's colour, opacity = probability, with the
-class drawn where the cell is large enough and the class likely (>= 0.5).
+Every output of the dense model that is a score map ``[1, classes, H', W']``
+is computed (a multi-task net has several: probability, box, landmarks); the
+one drawn is the one named, else the first whose values are probabilities
+over the class axis (a Softmax's output: in [0, 1], summing to 1 at every
+position), else the only one. Colours are probabilities: the output's values
+when they already are, otherwise their softmax over the class axis.
 
-Needs Pillow (``pip install pillow``); only this module imports it.
+Needs Pillow to read images (``pip install pillow``).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -44,38 +33,16 @@ from .geometry import MapGeometry
 
 log = logging.getLogger(__name__)
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], np.float64)
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-LEGEND_MIN_WIDTH = 240
-TEXT_MIN_PROBABILITY = 0.5
 
 
 def pillow():
-    """The PIL modules, or the one line that says how to get them."""
+    """PIL.Image, or the one line that says how to get it."""
     try:
-        from PIL import Image, ImageDraw, ImageFont
+        from PIL import Image
     except ImportError:
         raise Fc2ConvError("heatmap needs Pillow to read and write images: pip install pillow") from None
-    return Image, ImageDraw, ImageFont
-
-
-def class_colour(k: int) -> tuple[int, int, int]:
-    if k < len(PALETTE):
-        return PALETTE[k]
-    import colorsys
-
-    r, g, b = colorsys.hsv_to_rgb((k * 0.618034) % 1.0, 0.65, 0.92)
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
-def colour_scale(v: np.ndarray) -> np.ndarray:
-    """Viridis-like colours for values in [0, 1] (linear between 5 anchors)."""
-    v = np.clip(np.asarray(v, np.float64), 0.0, 1.0) * (len(VIRIDIS) - 1)
-    i = np.minimum(np.floor(v).astype(int), len(VIRIDIS) - 2)
-    t = (v - i)[..., None]
-    return VIRIDIS[i] * (1 - t) + VIRIDIS[i + 1] * t
+    return Image
 
 
 # --------------------------------------------------------------- model ---
@@ -84,45 +51,56 @@ def colour_scale(v: np.ndarray) -> np.ndarray:
 class Prepared:
     """The dense model and what heatmap needs to feed and read it."""
     model: onnx.ModelProto
-    geometry: dict            # the head's geometry (axes: stride, receptive_field, offset, ...)
+    maps: dict                # output name -> geometry.MapGeometry, every score-map output in graph order
     input: str                # the image input
     layout: str               # "NCHW" or "NHWC"
     channels: int
     elem_type: int
-    output: str               # the score map read
     converted: bool           # False when the model was dense already
 
 
-def prepare(model, *, dense_stride: int | None = None, input_shapes=None) -> Prepared:
-    """Make ``model`` dense (unless it is already) and find its image input."""
+def prepare(model, *, dense_stride: int | None = None, input_shapes=None, output: str | None = None) -> Prepared:
+    """Make ``model`` dense (unless it is already) and find its image input
+    and its score-map outputs (``output``: the one to be drawn, checked here)."""
     from . import api
 
     result = api.convert(model, dense=True, input_shapes=input_shapes, dense_stride=dense_stride)
-    if result.heads:
-        geometry, converted = result.geometry[0], True
-        output = geometry["outputs"][0]
+    dense = result.model
+    if result.maps:
+        heads, converted = result.maps, True
     else:
-        geometry, output = _traced_geometry(result.model)
-        converted = False
+        heads, converted = _traced(dense), False
         if dense_stride:
             from . import atrous
 
-            fine = atrous.apply(result.model, [MapGeometry.from_dict(geometry)], dense_stride)
-            result.model, geometry = fine.model, fine.geometry[0].to_dict()
-    dense = result.model
-    axes = geometry["axes"]
+            fine = atrous.apply(dense, None, dense_stride)
+            dense, heads = fine.model, fine.geometry
+    by_name = {o: g for g in heads for o in g.outputs}
+    maps = {o.name: by_name[o.name] for o in dense.graph.output if o.name in by_name}
+    names = [o.name for o in dense.graph.output]
+    if not maps:
+        raise Fc2ConvError(f"none of the dense model's outputs ({', '.join(map(repr, names))}) is a score map "
+                           "[N, classes, H', W'] over the image")
+    if output is not None and output not in maps:
+        if output not in names:
+            raise Fc2ConvError(f"--output {output!r}: the model has no such output; its outputs are "
+                               f"{', '.join(map(repr, names))}")
+        raise Fc2ConvError(f"--output {output!r} is not a score map over the image; the score maps are "
+                           f"{', '.join(map(repr, maps))}")
+    axes = maps[output or next(iter(maps))].axes
     if len(axes) != 2:
         raise Fc2ConvError(f"heatmap draws 2-D images; the model's score map has {len(axes)} spatial "
                            f"ax{'is' if len(axes) == 1 else 'es'}")
-    name = axes[0]["input"]
+    name = axes[0].input
     inits = {t.name for t in dense.graph.initializer}
     others = [i.name for i in dense.graph.input if i.name not in inits and i.name != name]
     if others:
         raise Fc2ConvError(f"heatmap feeds one image input ({name!r}); the model also needs "
                            f"{', '.join(map(repr, others))}")
+    maps = {o: g for o, g in maps.items() if len(g.axes) == 2 and g.axes[0].input == name}
     inp = next(i for i in dense.graph.input if i.name == name)
     dims = inp.type.tensor_type.shape.dim
-    spatial = sorted(a["input_axis"] for a in axes)
+    spatial = sorted(a.input_axis for a in axes)
     if len(dims) != 4 or spatial not in ([2, 3], [1, 2]):
         raise Fc2ConvError(f"input {name!r} is not an image batch [N,C,H,W] or [N,H,W,C] (rank {len(dims)}, "
                            f"spatial axes {spatial})")
@@ -132,20 +110,19 @@ def prepare(model, *, dense_stride: int | None = None, input_shapes=None) -> Pre
         raise Fc2ConvError(f"input {name!r} has no fixed channel count; give it with --input-shape")
     if dims[0].HasField("dim_value") and dims[0].dim_value != 1:
         raise Fc2ConvError(f"input {name!r} has a fixed batch of {dims[0].dim_value}; heatmap feeds one image")
-    return Prepared(dense, geometry, name, layout, int(c_dim.dim_value), inp.type.tensor_type.elem_type,
-                    output, converted)
+    return Prepared(dense, maps, name, layout, int(c_dim.dim_value), inp.type.tensor_type.elem_type, converted)
 
 
-def _traced_geometry(model: onnx.ModelProto):
-    """Geometry of a model that is fully convolutional already: its first
-    output whose spatial axes trace back to an input."""
+def _traced(model: onnx.ModelProto) -> list:
+    """Geometry of a model that is fully convolutional already: every output
+    whose spatial axes trace back to an input."""
     from .atrous import traced_geometry
 
-    found = [g.to_dict() for g in traced_geometry(model)]
+    found = traced_geometry(model)
     if not found:
         raise Fc2ConvError("the model has no FC head to make dense and no output that is a score map "
                            "[N, classes, H', W']; heatmap needs an image classifier")
-    return found[0], found[0]["outputs"][0]
+    return found
 
 
 # --------------------------------------------------------------- image ---
@@ -201,7 +178,7 @@ def read_image(path, channels: int, size: tuple[int, int] | None = None) -> np.n
     A gray model takes gray images (and colour images whose pixels are all
     gray); an RGB model takes RGB images (alpha and palettes are resolved).
     """
-    Image, _, _ = pillow()
+    Image = pillow()
     path = Path(path)
     if not path.exists():
         raise Fc2ConvError(f"{path}: no such file")
@@ -254,14 +231,18 @@ def preprocess(pixels: np.ndarray, prep: Prepared, scale: float, mean: np.ndarra
     return x[None].astype(helper.tensor_dtype_to_np_dtype(prep.elem_type))
 
 
+
 # --------------------------------------------------------------- result ---
 
 @dataclass
 class Heatmap:
-    """One image's score map and how to draw it."""
+    """One image's score maps: every score-map output, and the one to draw
+    as probabilities."""
     pixels: np.ndarray          # [H, W, C] as read
-    scores: np.ndarray          # [classes, H', W'] the dense model's output for this image
-    probabilities: np.ndarray   # [classes, H', W']
+    outputs: dict               # output name -> [channels, H', W'] the dense model's output for this image
+    output: str                 # the output drawn
+    why: str                    # why that one: named, probabilities, the only output
+    probabilities: np.ndarray   # [classes, H', W'] of the output drawn
     probability_source: str     # "model output" or "softmax of the scores"
     prep: Prepared
     image: str = ""
@@ -272,212 +253,92 @@ class Heatmap:
     preprocessing: dict = field(default_factory=dict)
 
     @property
-    def axes(self) -> list[dict]:
-        return self.prep.geometry["axes"]
+    def scores(self) -> np.ndarray:
+        """[classes, H', W']: the drawn output's values."""
+        return self.outputs[self.output]
 
-    def name(self, k: int) -> str:
-        return f"{k} {self.labels[k]}" if k < len(self.labels) and self.labels[k] != str(k) else str(k)
+    @property
+    def map(self) -> MapGeometry:
+        """Where the drawn output's positions look."""
+        return self.prep.maps[self.output]
+
+    @property
+    def axes(self) -> tuple:
+        """``geometry.MapAxis`` per map axis (rows, columns) of the drawn output."""
+        return self.map.axes
 
     def ranking(self) -> np.ndarray:
         """Class indices per position, best first: [top, H', W'] (ties: lower index first)."""
         order = np.argsort(-self.probabilities, axis=0, kind="stable")
         return order[:max(self.top, 1)]
 
-    def cells(self, zoom: int):
-        """For each drawn pixel row/column, the map position whose centre cell
-        holds it (-1 where none): two index vectors."""
-        h, w = self.pixels.shape[:2]
-        out = []
-        for a, n, m in zip(self.axes, (h, w), self.scores.shape[1:]):
-            s, rf, off = a["stride"], a["receptive_field"], a["offset"]
-            c0 = off + (rf - s) / 2.0
-            u = (np.arange(n * zoom) + 0.5) / zoom           # pixel centres in image units
-            p = np.floor((u - c0) / s).astype(np.int64)
-            p[(p < 0) | (p >= m)] = -1
-            out.append(p)
-        return out
-
-    def to_dict(self, png: str | None = None, zoom: int = 1) -> dict:
+    def to_dict(self, png: str | None = None, zoom: float = 1, picture_size=None) -> dict:
+        """The --json content: the drawn output as before, and every output's map under ``outputs``."""
         ranking = self.ranking()
         top = [[[{"class": int(ranking[k, i, j]), "score": float(self.scores[ranking[k, i, j], i, j]),
                   "probability": float(self.probabilities[ranking[k, i, j], i, j])}
                  for k in range(ranking.shape[0])]
                 for j in range(self.scores.shape[2])] for i in range(self.scores.shape[1])]
         h, w = self.pixels.shape[:2]
+        ph, pw = picture_size or (round(h * zoom), round(w * zoom))
         return {"model": self.model, "image": self.image, "image_size": [h, w],
                 "input": self.prep.input, "layout": self.prep.layout, "preprocessing": self.preprocessing,
-                "converted_to_dense": self.prep.converted, "output": self.prep.output,
+                "converted_to_dense": self.prep.converted, "output": self.output, "output_chosen": self.why,
                 "classes": int(self.scores.shape[0]), "labels": list(self.labels),
-                "map_size": list(self.scores.shape[1:]), "geometry": self.prep.geometry,
+                "map_size": list(self.scores.shape[1:]), "geometry": self.map.to_dict(),
                 "cell": "position (i, j) is painted over the centre stride x stride cell of its window: "
                         "[offset + (rf - stride)/2 + p*stride, ... + stride) along each axis",
                 "probability": self.probability_source, "class": self.cls, "top_n": self.top,
                 "scores": self.scores.tolist(), "top": top,
-                "png": None if png is None else {"path": png, "zoom": zoom, "image_box": [0, 0, w * zoom, h * zoom]}}
-
-    # ------------------------------------------------------------ drawing ---
-
-    def render(self, zoom: int = 1):
-        """The picture: the image (times ``zoom``) with the map over it and a legend strip below."""
-        Image, ImageDraw, ImageFont = pillow()
-        font = ImageFont.load_default_imagefont() if hasattr(ImageFont, "load_default_imagefont") \
-            else ImageFont.load_default()
-        h, w = self.pixels.shape[:2]
-        base = self.pixels.astype(np.float64)
-        if base.shape[2] == 1:
-            base = np.repeat(base, 3, axis=2)
-        if self.pixels.dtype != np.uint8:    # 16-bit or float images: stretch for display
-            lo, hi = float(base.min()), float(base.max())
-            base = (base - lo) / (hi - lo or 1.0) * 255.0
-        base = np.repeat(np.repeat(base, zoom, axis=0), zoom, axis=1)
-        rows, cols = self.cells(zoom)
-        inside = (rows[:, None] >= 0) & (cols[None, :] >= 0)
-        ri, ci = np.maximum(rows, 0), np.maximum(cols, 0)
-        if self.cls is not None:
-            value = self.probabilities[self.cls][ri[:, None], ci[None, :]]
-            colour = colour_scale(value)
-            alpha = np.full(value.shape, 0.6)
-        else:
-            ranking = self.ranking()
-            n = ranking.shape[0]
-            band = self._bands(rows, zoom, n)
-            k = ranking[band[:, None], ri[:, None], ci[None, :]]
-            prob = self.probabilities[k, ri[:, None], ci[None, :]]
-            colour = np.array([class_colour(c) for c in range(self.scores.shape[0])], np.float64)[k]
-            alpha = 0.85 * prob
-        alpha = np.where(inside, alpha, 0.0)[..., None]
-        drawn = np.clip(np.rint(base * (1 - alpha) + colour * alpha), 0, 255).astype(np.uint8)
-        width = max(w * zoom, LEGEND_MIN_WIDTH)
-        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        legend = self._legend_lines(width - 8, lambda t: int(measure.textlength(t, font=font)))
-        line_h = 13
-        height = h * zoom + 6 + line_h * len(legend) + 4
-        canvas = Image.new("RGB", (width, height), (24, 24, 24))
-        canvas.paste(Image.fromarray(drawn, "RGB"), (0, 0))
-        draw = ImageDraw.Draw(canvas)
-        if self.cls is None:
-            self._label_cells(draw, font, zoom)
-        y = h * zoom + 6
-        for line in legend:
-            x = 4
-            for kind, item in line:
-                if kind == "text":
-                    draw.text((x, y), item, fill=(230, 230, 230), font=font)
-                    x += int(draw.textlength(item, font=font)) + 4
-                elif kind == "swatch":
-                    draw.rectangle([x, y + 1, x + 9, y + 10], fill=class_colour(item))
-                    x += 13
-                elif kind == "scale":
-                    ramp = colour_scale(np.linspace(0, 1, 100))
-                    for i, c in enumerate(ramp):
-                        draw.line([x + i, y + 1, x + i, y + 10], fill=tuple(int(round(v)) for v in c))
-                    x += 104
-            y += line_h
-        return canvas
-
-    def _bands(self, rows, zoom, n):
-        """Band index (0..n-1, best class first) of each drawn row within its cell."""
-        if n == 1:
-            return np.zeros(len(rows), np.int64)
-        a = self.axes[0]
-        s, rf, off = a["stride"], a["receptive_field"], a["offset"]
-        c0 = off + (rf - s) / 2.0
-        u = (np.arange(len(rows)) + 0.5) / zoom
-        frac = ((u - c0) / s) - np.floor((u - c0) / s)
-        return np.minimum((frac * n).astype(np.int64), n - 1)
-
-    def _label_cells(self, draw, font, zoom):
-        """The best class written in each cell that is large enough and likely enough."""
-        ranking = self.ranking()
-        a_y, a_x = self.axes
-        h, w = self.pixels.shape[:2]
-        for i in range(self.scores.shape[1]):
-            for j in range(self.scores.shape[2]):
-                k = int(ranking[0, i, j])
-                if self.probabilities[k, i, j] < TEXT_MIN_PROBABILITY:
-                    continue
-                y0 = (a_y["offset"] + (a_y["receptive_field"] - a_y["stride"]) / 2 + i * a_y["stride"]) * zoom
-                x0 = (a_x["offset"] + (a_x["receptive_field"] - a_x["stride"]) / 2 + j * a_x["stride"]) * zoom
-                ch = a_y["stride"] * zoom / max(self.top, 1)
-                cw = a_x["stride"] * zoom
-                text = str(self.labels[k]) if k < len(self.labels) else str(k)
-                left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-                tw, th = right - left, bottom - top
-                if tw + 2 > cw or th + 2 > ch or y0 < 0 or x0 < 0 or y0 + ch > h * zoom or x0 + cw > w * zoom:
-                    continue
-                c = class_colour(k)
-                dark = 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] > 140
-                draw.text((int(x0 + (cw - tw) / 2 - left), int(y0 + (ch - th) / 2 - top)), text,
-                          fill=(0, 0, 0) if dark else (255, 255, 255), font=font)
-
-    def _legend_lines(self, width: int, textlength) -> list[list[tuple]]:
-        """Legend rows of ("text", str) / ("swatch", class) / ("scale", None) items, fitted to ``width``."""
-        ax = self.axes
-        fmt = lambda key: "x".join(str(a[key]) for a in ax)  # noqa: E731
-        lines = _wrap(f"map {self.scores.shape[1]}x{self.scores.shape[2]}: stride {fmt('stride')}"
-                      + (f" (à trous, plain {fmt('plain_stride')})" if "plain_stride" in ax[0] else "")
-                      + f", window {fmt('receptive_field')}, offset {fmt('offset')} px", width, textlength)
-        if self.cls is not None:
-            lines += _wrap(f"P(class {self.name(self.cls)}) of the {self.probability_source}", width, textlength)
-            lines.append([("text", "0"), ("scale", None), ("text", "1")])
-            return lines
-        lines += _wrap(f"top {self.top} class{'es' if self.top > 1 else ''} per cell"
-                       + (" (bands, best on top)" if self.top > 1 else "") + "; opacity = probability",
-                       width, textlength)
-        present = sorted(int(c) for c in np.unique(self.ranking()))
-        shown = present[:40]
-        line, used = [], 0
-        for k in shown:
-            need = 13 + textlength(self.name(k)) + 4
-            if line and used + need > width:
-                lines.append(line)
-                line, used = [], 0
-            line += [("swatch", k), ("text", self.name(k))]
-            used += need
-        if line:
-            lines.append(line)
-        if len(present) > len(shown):
-            lines += _wrap(f"... and {len(present) - len(shown)} more classes", width, textlength)
-        return lines
-
-    def png_bytes(self, zoom: int = 1) -> bytes:
-        buf = io.BytesIO()
-        self.render(zoom).save(buf, format="PNG", optimize=False)
-        return buf.getvalue()
+                "outputs": {name: {"channels": int(v.shape[0]), "map_size": list(v.shape[1:]),
+                                   "geometry": self.prep.maps[name].to_dict(),
+                                   "probabilities": is_probability(v), "scores": v.tolist()}
+                            for name, v in self.outputs.items()},
+                "png": None if png is None else {"path": png, "zoom": zoom, "image_box": [0, 0, pw, ph]}}
 
 
-def _wrap(text: str, width: int, textlength) -> list[list[tuple]]:
-    lines, cur = [], ""
-    for word in text.split(" "):
-        trial = f"{cur} {word}" if cur else word
-        if cur and textlength(trial) > width:
-            lines.append([("text", cur)])
-            cur = word
-        else:
-            cur = trial
-    if cur:
-        lines.append([("text", cur)])
-    return lines
+def is_probability(scores: np.ndarray) -> bool:
+    """Whether ``scores`` [classes, ...] are probabilities over the class axis
+    already (a Softmax's output): in [0, 1] and summing to 1 at every position."""
+    s = scores.astype(np.float64)
+    return bool(s.size and np.all((s >= 0) & (s <= 1)) and np.allclose(s.sum(axis=0), 1.0, atol=1e-3))
 
 
 def probabilities(scores: np.ndarray) -> tuple[np.ndarray, str]:
     """``scores`` [classes, ...] as probabilities over the class axis."""
     s = scores.astype(np.float64)
-    if s.size and np.all((s >= 0) & (s <= 1)) and np.allclose(s.sum(axis=0), 1.0, atol=1e-3):
+    if is_probability(s):
         return s, "model output"
     e = np.exp(s - s.max(axis=0, keepdims=True))
     return e / e.sum(axis=0, keepdims=True), "softmax of the scores"
 
 
-def heatmap(model, image, *, cls: int | None = None, top: int | None = None, scale=1 / 255, mean=None,
-            std=None, size=None, dense_stride: int | None = None, provider: str = "cpu", input_shapes=None,
-            labels=None, progress=None) -> Heatmap:
-    """Run ``model`` (made dense unless it is) once on ``image`` and return its score map.
+def choose(outputs: dict, named: str | None = None) -> tuple[str, str]:
+    """The output to draw and why: the one ``named``, else the first whose
+    values are probabilities over their class axis (more than one class),
+    else the only one."""
+    if named is not None:
+        return named, "named with --output"
+    for name, v in outputs.items():
+        if v.shape[0] > 1 and is_probability(v):
+            return name, "its values are probabilities over its class axis"
+    if len(outputs) == 1:
+        return next(iter(outputs)), "the only score map"
+    raise Fc2ConvError(f"the model has {len(outputs)} score-map outputs ({', '.join(map(repr, outputs))}) and "
+                       "none holds probabilities over its class axis; name the one to draw with --output NAME")
+
+
+def heatmap(model, image, *, cls: int | None = None, top: int | None = None, output: str | None = None,
+            scale=1 / 255, mean=None, std=None, size=None, dense_stride: int | None = None, provider: str = "cpu",
+            input_shapes=None, labels=None, progress=None) -> Heatmap:
+    """Run ``model`` (made dense unless it is) once on ``image`` and return its score maps.
 
     Args:
         model: a path or an ``onnx.ModelProto``: a classifier with FC layers, or a dense model.
         image: a PNG/JPEG path, gray or RGB as the model's input wants.
         cls: draw P(class ``cls``) with a colour scale; else ``top`` (default 1) classes per position.
+        output: the output to draw (default: the one holding class probabilities, or the only one);
+            every score-map output is computed either way.
         scale, mean, std: ``x = (pixels * scale - mean) / std``; mean/std one value or one per channel.
         size: ``(H, W)`` to resize the image to first (bilinear), or ``"H,W"``.
         dense_stride: a finer map (à trous, see atrous.py).
@@ -491,7 +352,7 @@ def heatmap(model, image, *, cls: int | None = None, top: int | None = None, sca
     scale = parse_scale(scale)
     pillow()
     progress(f"making {model if isinstance(model, (str, os.PathLike)) else 'the model'} dense")
-    prep = prepare(model, dense_stride=dense_stride, input_shapes=input_shapes)
+    prep = prepare(model, dense_stride=dense_stride, input_shapes=input_shapes, output=output)
     mean_v = parse_channels(mean, "--mean", prep.channels)
     std_v = parse_channels(std, "--std", prep.channels)
     pixels = read_image(image, prep.channels, size)
@@ -501,85 +362,29 @@ def heatmap(model, image, *, cls: int | None = None, top: int | None = None, sca
     from .verify import session
 
     sess = session(prep.model, provider, "the dense model")
+    names = list(prep.maps)
     try:
-        out = sess.run([prep.output], {prep.input: x})[0]
+        values = sess.run(names, {prep.input: x})
     except Exception as exc:  # onnxruntime's message says which dim does not fit
-        rf = "x".join(str(a["receptive_field"]) for a in prep.geometry["axes"])
+        g = prep.maps[output or names[0]]
+        rf = "x".join(str(a.receptive_field) for a in g.axes)
         raise Fc2ConvError(f"{image}: onnxruntime cannot run the dense model on this {h}x{w} image "
                            f"(is it smaller than the model's {rf} window?): {str(exc).splitlines()[0]}") from None
-    if out.ndim != 4 or out.shape[0] != 1 or min(out.shape[2:]) < 1:
-        raise Fc2ConvError(f"{image}: the {h}x{w} image gives a score map of shape {list(out.shape)}; "
-                           "it must be at least the model's native input size")
-    scores = out[0]
-    classes = scores.shape[0]
+    outputs = {}
+    for name, out in zip(names, values):
+        if out.ndim != 4 or out.shape[0] != 1 or min(out.shape[2:]) < 1:
+            raise Fc2ConvError(f"{image}: the {h}x{w} image gives output {name!r} the shape {list(out.shape)}; "
+                               "it must be at least the model's native input size")
+        outputs[name] = out[0]
+    drawn, why = choose(outputs, output)
+    classes = outputs[drawn].shape[0]
     if cls is not None and not 0 <= cls < classes:
         raise Fc2ConvError(f"--class {cls}: the model has classes 0..{classes - 1}")
     if top is not None and top > classes:
         raise Fc2ConvError(f"--top {top}: the model has only {classes} classes")
-    probs, source = probabilities(scores)
-    labels = list(labels or [])
-    return Heatmap(pixels, scores, probs, source, prep, str(image),
+    probs, source = probabilities(outputs[drawn])
+    return Heatmap(pixels, outputs, drawn, why, probs, source, prep, str(image),
                    str(model) if isinstance(model, (str, os.PathLike)) else "", cls,
-                   1 if cls is None and top is None else (top or 1), labels,
+                   1 if cls is None and top is None else (top or 1), list(labels or []),
                    {"scale": scale, "mean": mean_v.tolist(), "std": std_v.tolist(),
                     "size": list(size) if size else None})
-
-
-def read_labels(path) -> list[str]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise Fc2ConvError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise Fc2ConvError(f"{path}: cannot read the labels: {exc}") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def _destination(path, what: str, sources) -> Path:
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise Fc2ConvError(f"{path}: the {what} folder does not exist")
-    if target.is_dir():
-        raise Fc2ConvError(f"{path}: is a directory; give a file name for the {what}")
-    for src in sources:
-        try:
-            same = target.exists() and os.path.samefile(target, src)
-        except OSError:
-            same = False
-        if same:
-            raise Fc2ConvError(f"{path}: the {what} would overwrite the input {src}; choose another name")
-    return target
-
-
-def command(args, out) -> int:
-    """``onnx-fc2conv heatmap``: the PNG (and --json), written atomically
-    once everything has worked; nothing is written on an error."""
-    import json
-
-    from .save import atomic_write
-
-    sources = [args.input, args.image]
-    png = _destination(args.output, "picture", sources)
-    js = _destination(args.json_out, "JSON", sources) if args.json_out else None
-    if args.zoom < 1 or args.zoom > 64:
-        raise Fc2ConvError(f"--zoom {args.zoom}: give an integer from 1 to 64")
-    labels = read_labels(args.labels) if args.labels else None
-    result = heatmap(args.input, args.image, cls=args.cls, top=args.top, scale=args.scale, mean=args.mean,
-                     std=args.std, size=args.size, dense_stride=args.dense_stride, provider=args.provider,
-                     input_shapes=args.input_shape, labels=labels, progress=args.progress)
-    args.progress(f"drawing {args.output}")
-    data = result.png_bytes(args.zoom)
-    payload = None
-    if js is not None:
-        payload = json.dumps(result.to_dict(str(png), args.zoom)).encode() + b"\n"
-    atomic_write(png, [data])
-    if js is not None:
-        atomic_write(js, [payload])
-    h, w = result.pixels.shape[:2]
-    ax = result.axes
-    out(f"{args.image}: {h}x{w} pixels (HxW), map {result.scores.shape[1]}x{result.scores.shape[2]} of "
-        f"{result.scores.shape[0]} classes (stride {ax[0]['stride']}, window {ax[0]['receptive_field']} px)"
-        + ("" if result.prep.converted else "; the model was dense already"))
-    out(f"wrote {png}" + (f", {js}" if js is not None else ""))
-    return 0

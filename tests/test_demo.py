@@ -62,7 +62,7 @@ def localise(tmp_path, dense_stride=None, even=True):
     path = tmp_path / "canvas.png"
     Image.fromarray(canvas).save(path)
     hm = heatmap(DIGITS, path, scale="1/240", dense_stride=dense_stride)
-    stride = hm.axes[0]["stride"]
+    stride = hm.axes[0].stride
     at_windows = np.stack([hm.scores[:, y // stride, x // stride] for y, x in places])
     assert all(y % stride == 0 and x % stride == 0 for y, x in places)
     on_crops = crops_classified(canvas, places)

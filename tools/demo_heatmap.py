@@ -5,7 +5,7 @@ places, and the heatmap the trained sample draws on it.
 
 COMMAND (run from the repository root) writes docs/digits_heatmap.png::
 
-    onnx-fc2conv heatmap models/digits.onnx docs/digits_canvas.png -o docs/digits_heatmap.png --scale 1/240 --top 1 --zoom 8
+    onnx-fc2conv heatmap models/digits.onnx docs/digits_canvas.png -o docs/digits_heatmap.png --scale 1/240 --top 1 --zoom 8 --legend
 
 Choices, so the picture shows what the model really computes:
 
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "models" / "digits_heldout.npz"
 CANVAS = "docs/digits_canvas.png"
 HEATMAP = "docs/digits_heatmap.png"
-COMMAND = (f"onnx-fc2conv heatmap models/digits.onnx {CANVAS} -o {HEATMAP} --scale 1/240 --top 1 --zoom 8")
+COMMAND = (f"onnx-fc2conv heatmap models/digits.onnx {CANVAS} -o {HEATMAP} --scale 1/240 --top 1 --zoom 8 --legend")
 SIZE = (40, 96)
 # top-left corners (row, column) of the digits 0..9, even coordinates
 PLACES = [(4, 4), (6, 20), (2, 36), (4, 54), (8, 74),
