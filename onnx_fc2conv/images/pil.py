@@ -1,0 +1,104 @@
+"""PNG, JPEG and Pillow's other formats, for `scan`.
+
+PNG and JPEG are compressed as one stream (rows depend on the rows before
+them), so Pillow can only decode them whole: the first region read decodes
+the image once and keeps the pixels for the following reads. That costs
+``H·W·C`` bytes of memory, acceptable for the sizes people save as
+PNG/JPEG; the large formats (tiled TIFF, slides, zarr) are read region by
+region. Opening reads only the header, so size, channels and dtype are known
+before anything is decoded.
+
+Pillow refuses images above ``Image.MAX_IMAGE_PIXELS`` (about 179 M pixels)
+as possible decompression bombs. A scan is asked for a large image on
+purpose, so this module lifts the limit while it opens and decodes, and puts
+the previous value back afterwards (``heatmap``, which decodes whole images
+into one model pass, keeps it).
+
+Pixels: ``L``/``1`` -> 1 channel uint8; ``I;16`` (16-bit PNG) -> uint16;
+``I`` -> int32; ``F`` -> float32; ``LA`` -> 1 channel and ``RGBA``/``RGBX``
+-> 3 channels with the alpha (4th) band dropped; palette and other colour
+spaces are converted to RGB (or RGBA, then dropped) by Pillow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import numpy as np
+
+from .base import Fc2ConvError, Image, check_level, require
+
+log = logging.getLogger(__name__)
+
+# mode -> (mode to convert to before reading, channels kept, dtype)
+MODES = {
+    "1": ("L", 1, np.uint8), "L": (None, 1, np.uint8), "LA": (None, 1, np.uint8), "La": ("LA", 1, np.uint8),
+    "I;16": (None, 1, np.uint16), "I;16L": (None, 1, np.uint16), "I;16B": (None, 1, np.uint16),
+    "I": (None, 1, np.int32), "F": (None, 1, np.float32),
+    "RGB": (None, 3, np.uint8), "RGBA": (None, 3, np.uint8), "RGBa": ("RGBA", 3, np.uint8),
+    "RGBX": (None, 3, np.uint8),
+}
+
+
+@contextlib.contextmanager
+def no_bomb_limit(PIL_Image):
+    """Lift Pillow's decompression-bomb limit for one open/decode, then restore it."""
+    saved = PIL_Image.MAX_IMAGE_PIXELS
+    PIL_Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        PIL_Image.MAX_IMAGE_PIXELS = saved
+
+
+class PilImage(Image):
+    """One frame (the first) of a file Pillow reads; decoded whole on first read."""
+
+    def __init__(self, path, level: int = 0, spatial_rank: int = 2):
+        self._PIL = require("PIL.Image", "scan")
+        self.path = str(path)
+        if spatial_rank != 2:
+            raise Fc2ConvError(f"{path}: a picture has 2 spatial axes, the model's input has {spatial_rank}")
+        try:
+            with no_bomb_limit(self._PIL):
+                self._pil = self._PIL.open(path)
+        except Exception as exc:
+            raise Fc2ConvError(f"{path}: not an image Pillow can read ({type(exc).__name__})") from None
+        width, height = self._pil.size
+        self.shape = (int(height), int(width))
+        check_level(path, level, (self.shape,))
+        mode = self._pil.mode
+        if mode not in MODES:  # palette, CMYK, YCbCr, LAB, HSV, PA: let Pillow make colours of them
+            has_alpha = mode == "PA" or "transparency" in self._pil.info
+            self._convert, self.channels, dtype = ("RGBA" if has_alpha else "RGB"), 3, np.uint8
+        else:
+            self._convert, self.channels, dtype = MODES[mode]
+        self.dtype = np.dtype(dtype)
+        self._pixels = None
+        self._reopen = (open, (self.path, level, spatial_rank))
+
+    def _decode(self) -> np.ndarray:
+        if self._pixels is None:
+            log.info("%s: decoding the whole %dx%d image once (Pillow cannot decode a region of it)",
+                     self.path, *self.shape)
+            with no_bomb_limit(self._PIL):
+                img = self._pil.convert(self._convert) if self._convert else self._pil
+                pixels = np.asarray(img)
+            if pixels.ndim == 2:
+                pixels = pixels[..., None]
+            self._pixels = np.ascontiguousarray(pixels[..., :self.channels].astype(self.dtype, copy=False))
+            self._pil.close()
+        return self._pixels
+
+    def _read(self, box) -> np.ndarray:
+        (y0, y1), (x0, x1) = box
+        return self._decode()[y0:y1, x0:x1]
+
+    def close(self) -> None:
+        self._pil.close()
+        self._pixels = None
+
+
+def open(path, level: int = 0, spatial_rank: int = 2) -> PilImage:  # noqa: A001 - the format modules' entry point
+    return PilImage(path, level, spatial_rank)
