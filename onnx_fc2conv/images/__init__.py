@@ -55,6 +55,8 @@ def open_image(src, *, level: int = 0, spatial_rank: int = 2, reader: str | None
         return open_npy(path, level, spatial_rank)
     else:
         module = FORMATS.get(suffix)
+        if module is None and any(p.suffix.lower() == ".zarr" for p in path.parents):
+            module = "zarrarray"  # an array inside a zarr group: folder.zarr/name
         if module is None:
             known = ", ".join(sorted({".npy", *FORMATS}))
             raise Fc2ConvError(f"{path}: unknown image format {suffix or '(no suffix)'!r}; scan reads {known}")
