@@ -287,6 +287,18 @@ def test_png_regions(tmp_path, kind):
         assert_regions(image, array, channels)
 
 
+@pytest.mark.parametrize("samples", [3, 4])
+def test_png_16bit_colour_keeps_16_bits(tmp_path, samples):
+    import imagecodecs
+
+    array = pixels(SHAPE + (samples,), np.uint16)
+    path = tmp_path / "rgb16.png"
+    path.write_bytes(imagecodecs.png_encode(array))
+    assert PILImage.open(path).mode in ("RGB", "RGBA")     # Pillow alone would give 8 bits
+    with open_image(path) as image:
+        assert_regions(image, array, 3)
+
+
 def test_png_gray_alpha_and_palette(tmp_path):
     gray = pixels(SHAPE, np.uint8)
     la = np.stack([gray, pixels(SHAPE, np.uint8)], -1)
@@ -298,6 +310,15 @@ def test_png_gray_alpha_and_palette(tmp_path):
     rgb = np.asarray(palette.convert("RGB"))
     with open_image(tmp_path / "p.png") as image:
         assert_regions(image, rgb, 3)
+
+
+def test_tiff_jpeg_tiles_equal_the_full_decode(tmp_path):
+    array = pixels((256, 192, 3), np.uint8)
+    path = tmp_path / "jpeg.tif"
+    tifffile.imwrite(path, array, tile=(64, 64), photometric="rgb", compression="jpeg")
+    decoded = tifffile.imread(path)                       # lossy: the reference is tifffile's whole decode
+    with open_image(path) as image:
+        assert_regions(image, decoded, 3, [((0, 256), (0, 192)), ((70, 200), (33, 150))])
 
 
 def test_jpeg_regions_equal_pillows_decode(tmp_path):

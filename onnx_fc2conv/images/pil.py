@@ -17,13 +17,16 @@ into one model pass, keeps it).
 Pixels: ``L``/``1`` -> 1 channel uint8; ``I;16`` (16-bit PNG) -> uint16;
 ``I`` -> int32; ``F`` -> float32; ``LA`` -> 1 channel and ``RGBA``/``RGBX``
 -> 3 channels with the alpha (4th) band dropped; palette and other colour
-spaces are converted to RGB (or RGBA, then dropped) by Pillow.
+spaces are converted to RGB (or RGBA, then dropped) by Pillow. Pillow has
+no 16-bit colour mode (it would give 8 bits), so a 16-bit RGB/RGBA PNG is
+decoded by imagecodecs (the ``scan`` extra) into uint16.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -39,6 +42,16 @@ MODES = {
     "RGB": (None, 3, np.uint8), "RGBA": (None, 3, np.uint8), "RGBa": ("RGBA", 3, np.uint8),
     "RGBX": (None, 3, np.uint8),
 }
+
+
+PNG16_COLOUR = "png16"   # _convert value: decode with imagecodecs
+
+
+def _png16_colour(path) -> bool:
+    """A PNG whose IHDR says 16 bits per sample, colour type RGB (2) or RGBA (6)."""
+    with Path(path).open("rb") as f:
+        head = f.read(26)
+    return len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] == 16 and head[25] in (2, 6)
 
 
 @contextlib.contextmanager
@@ -74,6 +87,8 @@ class PilImage(Image):
             self._convert, self.channels, dtype = ("RGBA" if has_alpha else "RGB"), 3, np.uint8
         else:
             self._convert, self.channels, dtype = MODES[mode]
+        if self._pil.format == "PNG" and _png16_colour(path):
+            self._convert, self.channels, dtype = PNG16_COLOUR, 3, np.uint16
         self.dtype = np.dtype(dtype)
         self._pixels = None
         self._reopen = (open, (self.path, level, spatial_rank))
@@ -82,9 +97,12 @@ class PilImage(Image):
         if self._pixels is None:
             log.info("%s: decoding the whole %dx%d image once (Pillow cannot decode a region of it)",
                      self.path, *self.shape)
-            with no_bomb_limit(self._PIL):
-                img = self._pil.convert(self._convert) if self._convert else self._pil
-                pixels = np.asarray(img)
+            if self._convert == PNG16_COLOUR:
+                pixels = require("imagecodecs", "scan").png_decode(Path(self.path).read_bytes())
+            else:
+                with no_bomb_limit(self._PIL):
+                    img = self._pil.convert(self._convert) if self._convert else self._pil
+                    pixels = np.asarray(img)
             if pixels.ndim == 2:
                 pixels = pixels[..., None]
             self._pixels = np.ascontiguousarray(pixels[..., :self.channels].astype(self.dtype, copy=False))
