@@ -165,6 +165,12 @@ def test_bad_level_lists_the_levels_and_their_sizes(tmp_path):
                               "(0: 256x192; 1: 128x96; 2: 64x48)")
     with pytest.raises(Fc2ConvError, match=r"--level -1 does not exist"):
         open_image(path, level=-1)
+    PILImage.fromarray(pixels((20, 30), np.uint8)).save(tmp_path / "one.png")
+    with pytest.raises(Fc2ConvError, match=r"one.png: --level 1 does not exist; it has 1 level \(0: 20x30\)$"):
+        open_image(tmp_path / "one.png", level=1)
+    zarr.create_array(tmp_path / "one.zarr", shape=(20, 30), dtype="u1")
+    with pytest.raises(Fc2ConvError, match=r"one.zarr: --level 2 does not exist; it has 1 level \(0: 20x30\)$"):
+        open_image(tmp_path / "one.zarr", level=2)
 
 
 def truncated_tiff(tmp_path, tile=(64, 64)):
@@ -510,6 +516,7 @@ def test_downsampled_uses_the_pyramid(tmp_path, monkeypatch):
 # --- without the extras ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("suffix,module,extra", [(".tif", "tifffile", "scan"), (".zarr", "zarr", "scan"),
+                                                 (".png", "PIL.Image", "scan"), (".tif", "imagecodecs", "scan"),
                                                  (".svs", "openslide", "wsi")])
 def test_without_the_extra_the_error_names_the_pip_install(tmp_path, monkeypatch, suffix, module, extra):
     path = tmp_path / f"image{suffix}"

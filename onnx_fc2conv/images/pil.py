@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +92,14 @@ class PilImage(Image):
             self._convert, self.channels, dtype = PNG16_COLOUR, 3, np.uint16
         self.dtype = np.dtype(dtype)
         self._pixels = None
+        self._lock = threading.Lock()   # threads of one scan share the single decode
         self._reopen = (open, (self.path, level, spatial_rank))
 
     def _decode(self) -> np.ndarray:
+        with self._lock:
+            return self._decode_once()
+
+    def _decode_once(self) -> np.ndarray:
         if self._pixels is None:
             log.info("%s: decoding the whole %dx%d image once (Pillow cannot decode a region of it)",
                      self.path, *self.shape)
