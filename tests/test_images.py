@@ -305,6 +305,49 @@ def test_png_16bit_colour_keeps_16_bits(tmp_path, samples):
         assert_regions(image, array, 3)
 
 
+RAW_FILES = {  # uncompressed formats: memory-mapped, read by region
+    "rgb.bmp": (3, np.uint8, 3), "gray.bmp": (None, np.uint8, 1), "rgba.bmp": (4, np.uint8, 3),
+    "rgb.ppm": (3, np.uint8, 3), "gray.pgm": (None, np.uint8, 1), "gray16.pgm": (None, np.uint16, 1),
+    "rgb.tga": (3, np.uint8, 3),
+}
+
+
+@pytest.mark.parametrize("name", list(RAW_FILES))
+def test_uncompressed_files_are_read_by_region(tmp_path, name):
+    channels, dtype, read = RAW_FILES[name]
+    array = pixels(SHAPE + ((channels,) if channels else ()), dtype)
+    path = tmp_path / name
+    PILImage.fromarray(array).save(path)
+    with open_image(path) as image:
+        assert image._raw is not None, PILImage.open(path).tile   # not decoded whole
+        assert_regions(image, array, read)
+
+
+def test_uncompressed_region_read_allocates_about_the_region(tmp_path):
+    array = pixels((3000, 3000, 3), np.uint8)              # 27 MB
+    path = tmp_path / "big.bmp"
+    PILImage.fromarray(array).save(path)
+    with open_image(path) as image:
+        image.read(((0, 1), (0, 1)))
+        peak = peak_bytes(lambda: image.read(((1000, 1200), (2000, 2300))))   # 180 KB
+        np.testing.assert_array_equal(image.read(((1000, 1200), (2000, 2300))), array[1000:1200, 2000:2300])
+    assert peak < 1 * 2 ** 20, peak
+    with open_image(tmp_path / "big.bmp") as image:         # the measure sees a whole read
+        assert peak_bytes(lambda: image.read(((0, 3000), (0, 3000)))) > 27 * 10 ** 6
+
+
+def test_truncated_bmp_names_the_region(tmp_path):
+    array = pixels((100, 60, 3), np.uint8)
+    path = tmp_path / "t.bmp"
+    PILImage.fromarray(array).save(path)
+    path.write_bytes(path.read_bytes()[:-20 * 180])         # BMP rows are stored bottom-up: the top 20 are gone
+    with open_image(path) as image:
+        np.testing.assert_array_equal(image.read(((20, 100), (0, 60))), array[20:])
+        with pytest.raises(Fc2ConvError, match=r"t.bmp: cannot read region rows 10:30, cols 0:60: EOFError: "
+                                               r"the file ends after 80 of 100 rows$"):
+            image.read(((10, 30), (0, 60)))
+
+
 def test_png_gray_alpha_and_palette(tmp_path):
     gray = pixels(SHAPE, np.uint8)
     la = np.stack([gray, pixels(SHAPE, np.uint8)], -1)
