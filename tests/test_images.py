@@ -81,6 +81,7 @@ def test_tiff_regions_equal_the_written_array(tmp_path, layout, kind, dtype):
     tifffile.imwrite(path, array, **LAYOUTS[layout], **kw)
     with open_image(path) as image:
         assert (image.level, image.levels) == (0, 1)
+        assert image.chunk == LAYOUTS[layout].get("tile", (min(LAYOUTS[layout].get("rowsperstrip", 300), 300), 200))
         assert_regions(image, array, channels)
 
 
@@ -413,6 +414,7 @@ def test_generic_tiled_tiff_through_openslide(tmp_path):
     for k, level in enumerate(written):
         with open_image(path, level=k, reader="openslide") as image:
             assert type(image).__name__ == "SlideImage" and image.vendor == "generic-tiff"
+            assert image.chunk == (64, 64)
             assert image.level_shapes == tuple(a.shape[:2] for a in written)
             h, w = level.shape[:2]
             assert_regions(image, level, 3, [((0, h), (0, w)), ((h // 3, h - 1), (5, w // 2)), ((h - 1, h), (3, 4))])
@@ -463,6 +465,7 @@ def test_zarr_array_regions(tmp_path, zarr_format, dtype, channels):
                           zarr_format=zarr_format)
     z[...] = array
     with open_image(path) as image:
+        assert image.chunk == (64, 48)
         assert_regions(image, array, channels or 1)           # no alpha guessed: 4 channels stay 4
 
 

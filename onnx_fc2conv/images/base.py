@@ -44,6 +44,7 @@ class Image:
     level: int = 0
     levels: int = 1
     level_shapes: tuple = ()   # spatial shape of every level, level 0 first; () for one level
+    chunk: tuple | None = None  # the file's unit of reading (tile, strip, zarr chunk), spatial; None if unknown
 
     def open_level(self, level: int) -> "Image":
         """The same file at pyramid level ``level`` (``self`` for this level).

@@ -53,6 +53,9 @@ class SlideImage(Image):
         self.shape = self.level_shapes[level]
         self.vendor = self._slide.properties.get("openslide.vendor")
         self._downsample = float(self._slide.level_downsamples[level])
+        props = self._slide.properties
+        tile = (props.get(f"openslide.level[{level}].tile-height"), props.get(f"openslide.level[{level}].tile-width"))
+        self.chunk = tuple(int(t) for t in tile) if all(tile) else None
         colour = self._slide.properties.get("openslide.background-color") or "ffffff"
         self._background = np.array([int(colour[k:k + 2], 16) for k in (0, 2, 4)], np.float32)
         self._reopen = (open, (self.path, level, spatial_rank))

@@ -73,6 +73,7 @@ class TiffImage(Image):
             self.channels, self.dtype = 3, np.dtype(np.uint8)
         else:
             self.channels, self.dtype = len(self._keep), np.dtype(self._z.dtype)
+        self.chunk = tuple(int(c) for k, c in enumerate(self._z.chunks) if k != self._sample_axis)
         self._reopen = (open, (self.path, level, spatial_rank))
 
     def open_level(self, level: int) -> "TiffImage":

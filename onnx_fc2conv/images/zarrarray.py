@@ -52,6 +52,7 @@ class ZarrImage(ArrayImage):
         check_level(path, level, shapes)
         super().__init__(arrays[level], spatial_rank, str(path))
         self.level, self.levels, self.level_shapes = level, len(arrays), shapes
+        self.chunk = tuple(int(c) for c in arrays[level].chunks[:spatial_rank])
         self._reopen = (open, (str(path), level, spatial_rank))
 
     def open_level(self, level: int) -> "ZarrImage":
