@@ -519,6 +519,17 @@ def test_readers_pickle_as_path_and_level(tmp_path):
                 np.testing.assert_array_equal(copy.read(((10, 90), (20, 130))), array[10:90, 20:130])
 
 
+def test_every_reader_downsamples(tmp_path):
+    array, files = every_reader(tmp_path)
+    for name, reader in files:
+        with open_image(tmp_path / name, reader=reader) as image:
+            got = image.downsampled(40)
+        # the pyramid's level 1 (75x65) is the coarsest still 40 a side: halved; one level: shrunk by 4
+        source, f = (array[::2, ::2], 2) if name == "a.tif" else (array, 4)
+        expected = np.rint(box_mean(source.astype(np.float64), f)).astype(np.uint8)
+        np.testing.assert_array_equal(got, expected, err_msg=f"{name} {reader}")
+
+
 def box_mean(array, f):
     """Independent reference: pad with NaN to a multiple of f, then nanmean over each f x f box."""
     h, w, c = array.shape
