@@ -33,7 +33,7 @@ from .errors import Fc2ConvError
 from .find import Head, Layer
 from .rules import Context, Refusal
 from .rules.collapse import WINDOWED_POOL, covers, head_pool, pooled_map
-from .rules.steps import match_step
+from .rules.steps import Region, match_region, match_step
 from .geometry import MapAxis, MapGeometry, pooled_segment, trace
 from .graph import GraphIndex, node_key, node_label
 from .shapes import TensorInfo
@@ -179,6 +179,12 @@ def _tail(ctx: Context, head: Head):
             outputs.append(t)
         if t in idx.sub_reads:
             raise Fc2ConvError(f"the head output {t!r} is read inside a subgraph; the model cannot be made dense")
+        if len(idx.consumers.get(t, ())) > 1:  # per-position ops that meet again (a region)
+            region = match_region(t, m, head.spatial_rank, ctx, input_may_leave=True)
+            if isinstance(region, Region):
+                taken.update(node_key(n) for n in region.nodes)
+                tail.append(region)
+                frontier.append(region.output)
         for node in idx.consumers.get(t, ()):
             if node_key(node) in taken:
                 continue

@@ -246,11 +246,11 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
             nodes.append(helper.make_node("Flatten", [x], [head.end], name=namer(f"{head.end}_flatten"), axis=1))
     else:
         for step in dh.tail:
-            new_nodes, new_inits = emit(step, step.node.input[step.data_index], step.node.output[0], namer, spatial,
+            new_nodes, new_inits = emit(step, step.input, step.node.output[0], namer, spatial,
                                         idx.opset, dense=True, suffix="_dense")
             nodes.extend(new_nodes)
             inits.extend(new_inits)
-            removed.add(node_key(step.node))
+            removed.update(node_key(n) for n in step.nodes)
     for item in head.items:
         removed.update(node_key(n) for n in item_nodes(item))
     anchor = node_key(item_nodes(head.items[0])[0])

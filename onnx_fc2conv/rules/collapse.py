@@ -23,9 +23,9 @@ import numpy as np
 import onnx
 
 from .. import ops
-from ..graph import FOLDABLE, attr, node_label, run_nodes
+from ..graph import FOLDABLE, attr, node_key, node_label, run_nodes
 from . import Context, Refusal
-from .steps import AFTER_HEAD, CLASS_AXIS, describe, match_step
+from .steps import AFTER_HEAD, CLASS_AXIS, REGION_OPS, Region, describe, grow_region, match_region, match_step
 
 RESHAPE_LIKE = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout"})
 # the windowed pool each whole-map pool becomes in dense mode
@@ -149,6 +149,23 @@ def match_collapse(a: str, ctx: Context) -> Collapse | Refusal:
             t = p.input[0]
             continue
         data = [i for i in p.input if i and idx.value(i) is None]
+        if len(data) > 1 and p.output[0] == t and idx.uses(t) == 1:
+            region = _region_ending_at(ctx, t)   # per-position ops that fan out and meet again at t
+            if region is None:
+                break
+            nodes, start = region
+            end = t
+            while steps and steps[-1][0] is not None and steps[-1][1] == end:
+                # the per-position ops after it up to the FC join it, as in a chain
+                grown = grow_region(start, ctx, end=steps[-1][0].output[0])
+                if not isinstance(grown, tuple):
+                    break
+                nodes, end = grown[0], steps.pop()[0].output[0]
+            steps.append((None, (start, end)))
+            seen = {node_key(n) for n in walked}
+            walked.extend(n for n in reversed(nodes) if node_key(n) not in seen)
+            t = start
+            continue
         if len(data) != 1 or p.output[0] != t or idx.uses(t) != 1:
             break
         if p.op_type == "Transpose" and _vector(ctx.shape(t)) and walked:
@@ -205,21 +222,38 @@ def match_collapse(a: str, ctx: Context) -> Collapse | Refusal:
     # Steps act on the map as on the flattened vector where they are element-wise
     # with scalars; per-channel constants and ops along the features need a pooled (1x1) map.
     pooled = all(d == 1 for d in feature_shape[1:])
-    made = [match_step(n, d, feature_shape[0], rank - 2, ctx, classes=True) for n, d in reversed(steps)]
+    made = [match_step(n, d, feature_shape[0], rank - 2, ctx, classes=True) if n is not None
+            else match_region(d[0], feature_shape[0], rank - 2, ctx, end=d[1]) for n, d in reversed(steps)]
     for st in made:
+        if st is None:
+            return Refusal(f"the per-position ops before it read a tensor of shape {fmt_shape(ctx.shape(a))}")
         if isinstance(st, Refusal):
             return Refusal(f"{describe(st)} before it", st.node)
-        if not pooled and (st.constants or st.class_axis or st.node.op_type in ops.PER_CHANNEL):
+        if isinstance(st, Region) and not pooled and st.per_feature:
+            return Refusal(f"region ({st.ops}) before it acts on the flattened features of "
+                           f"a {'x'.join(map(str, feature_shape[1:]))} map as a whole, which no convolution of the "
+                           "map does", st.node)
+        if not pooled and not isinstance(st, Region) and (st.constants or st.class_axis
+                                                          or st.node.op_type in ops.PER_CHANNEL):
             return Refusal(f"{st.node.op_type} {node_label(st.node)!r} before it acts on the flattened features of "
                            f"a {'x'.join(map(str, feature_shape[1:]))} map as a whole, which no convolution of the "
                            "map does", st.node)
     letters = "NC" + {1: "L", 2: "HW", 3: "DHW"}.get(rank - 2, "".join(f"S{i}" for i in range(rank - 2)))
     layout = "".join(letters[i] for i in perm) if transpose is not None else letters
     nodes = tuple(([transpose] if transpose is not None else []) + list(reversed(walked)))
-    names = [n.op_type for n in reversed(walked) if not (n.op_type == "Transpose" and n is not transpose)]
-    for i, n in enumerate(n for n in reversed(walked) if not (n.op_type == "Transpose" and n is not transpose)):
-        if n.op_type == "Reshape" and len(n.input) > 1 and idx.value(n.input[1]) is None:
-            names[i] = "Reshape(shape chain)"
+    # the pattern: the collapse's ops in order, a region's ops under one name
+    regions = {node_key(r.nodes[0]): r for r in made if isinstance(r, Region)}
+    inner = {node_key(n) for r in regions.values() for n in r.nodes[1:]}
+    names = []
+    for n in reversed(walked):
+        if (n.op_type == "Transpose" and n is not transpose) or node_key(n) in inner:
+            continue
+        if node_key(n) in regions:
+            names.append(f"region({','.join(x.op_type for x in regions[node_key(n)].nodes)})")
+        elif n.op_type == "Reshape" and len(n.input) > 1 and idx.value(n.input[1]) is None:
+            names.append("Reshape(shape chain)")
+        else:
+            names.append(n.op_type)
     if transpose is not None:
         names.insert(0, "Transpose")
     col = Collapse(src, perm, feature_shape, nodes, "", layout, unsqueeze, tuple(made))
@@ -228,6 +262,31 @@ def match_collapse(a: str, ctx: Context) -> Collapse | Refusal:
         keep = "" if pool.op_type not in ops.REDUCES else f"(keepdims={0 if unsqueeze else 1})"
         names.insert(0, pool.op_type + keep)
     return Collapse(src, perm, feature_shape, nodes, "+".join(names) or "-", layout, unsqueeze, tuple(made))
+
+
+def _region_ending_at(ctx: Context, end: str):
+    """``(nodes, input)`` of a region (rules/steps.py) whose output is ``end``,
+    or None. Walking back over per-position ops from ``end``, every tensor
+    where all paths meet is a candidate input; the furthest one from which
+    the region grows to ``end`` wins."""
+    idx = ctx.idx
+    frontier, starts = {end}, []
+    for _ in range(64):
+        latest = max(frontier, key=lambda x: idx.pos(idx.producer[x]) if x in idx.producer else -1)
+        p = idx.producer.get(latest)
+        if p is None or p.op_type not in REGION_OPS or not ops.is_default(p):
+            break
+        frontier.discard(latest)
+        frontier.update(i for i in p.input if i and idx.value(i) is None)
+        if not frontier:
+            break
+        if len(frontier) == 1:
+            starts.append(next(iter(frontier)))
+    for start in reversed(starts):
+        grown = grow_region(start, ctx, end=end)
+        if isinstance(grown, tuple):
+            return grown[0], start
+    return None
 
 
 def _vector(shape) -> bool:
