@@ -147,7 +147,12 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
     if dh is not None and dh.pool is not None:
         out = namer(f"{x}_map") if col.unsqueeze else x
         attrs = {"kernel_shape": list(dh.window), "strides": [1] * len(dh.window)}
-        nodes.append(helper.make_node(dh.pool_op, [dh.source], [out], name=dh.pool.name or namer("window_pool"),
+        source = dh.source
+        if dh.source_perm:  # a channels-last map pooled in place: channels first for the pool
+            source = namer(f"{dh.source}_channels_first")
+            nodes.append(helper.make_node("Transpose", [dh.source], [source], name=namer(f"{dh.source}_to_nchw"),
+                                          perm=list(dh.source_perm)))
+        nodes.append(helper.make_node(dh.pool_op, [source], [out], name=dh.pool.name or namer("window_pool"),
                                       **attrs))
         removed.add(node_key(dh.pool))
         x = out

@@ -81,23 +81,75 @@ def global_reduce_rank(ctx: Context, node: onnx.NodeProto, keepdims: int | None 
 
 
 def pooled_map(ctx: Context, node: onnx.NodeProto) -> str | None:
-    """The channels-first map ``[N, C, *S]`` that a reduction pools whole:
-    its input, or, for a reduction over the spatial axes of a channels-last
+    """The map ``[N, C, *S]`` that a reduction pools whole: its input, or,
+    for a reduction over the spatial axes of a channels-last
     ``Transpose(0, 2, ..., 1)`` of a map, that Transpose's input; None when
-    it does not reduce every spatial axis."""
+    it does not reduce every spatial axis. A channels-last map with no
+    Transpose right before the reduction is its input too: see
+    :func:`pooled_source` for its axis order."""
+    found = pooled_source(ctx, node)
+    return found[0] if found is not None else None
+
+
+def pooled_source(ctx: Context, node: onnx.NodeProto) -> tuple | None:
+    """``(map, perm)``: the map a reduction pools whole, and the permutation
+    that makes it channels-first (None where it is). A reduction with
+    keepdims=0 over exactly the axes that are spatial in the trunk's layout
+    (:func:`spatial_axes`: an NHWC trunk, ``ReduceMean(axes=[1,2])`` with no
+    Transpose right before it) pools its input whole; its perm puts the one
+    other axis, the channels, at 1."""
     rank = ctx.rank(node.input[0]) or 0
     acted = ops.acted_axes(node, rank, ctx.idx.opset, ctx.idx.value)
     if acted is None or rank < 3:
         return None
     spatial = set(range(2, rank))
     if acted == spatial:
-        return node.input[0]
+        return node.input[0], None
+    if int(attr(node, "keepdims", 1)) != 0:
+        return None
     producer = ctx.idx.producer.get(node.input[0])
-    if producer is not None and producer.op_type == "Transpose" and ops.is_default(producer) \
-            and int(attr(node, "keepdims", 1)) == 0:
+    if producer is not None and producer.op_type == "Transpose" and ops.is_default(producer):
         perm = list(attr(producer, "perm", []) or [])
         if len(perm) == rank and perm[0] == 0 and {perm[a] for a in acted} == spatial:
-            return producer.input[0]
+            return producer.input[0], None
+    if 0 not in acted and len(acted) == rank - 2 and spatial_axes(ctx, node.input[0]) == acted:
+        channel = next(a for a in range(1, rank) if a not in acted)
+        return node.input[0], (0, channel) + tuple(sorted(acted))
+    return None
+
+
+# ops through which a map keeps its axis order (the spatial axes stay where they are)
+_KEEPS_LAYOUT = ops.POINTWISE | ops.BROADCAST
+
+
+def spatial_axes(ctx: Context, tensor: str, limit: int = 64) -> set | None:
+    """The axes of ``tensor`` that are spatial, read back through element-wise
+    ops and Transposes to the windowed op or pool that wrote a channels-first
+    ``[N, C, *S]`` map; None when the walk meets anything else (geometry.py
+    then checks the whole trunk in dense mode)."""
+    idx = ctx.idx
+    rank = ctx.rank(tensor)
+    if rank is None:
+        return None
+    where = list(range(rank))     # axis i of ``tensor`` is axis where[i] of ``t``
+    t = tensor
+    for _ in range(limit):
+        p = idx.producer.get(t)
+        if p is None or not ops.is_default(p):
+            return None
+        if p.op_type in ops.WINDOWED or p.op_type in ops.GLOBAL_POOLS:
+            return {i for i in range(rank) if where[i] >= 2}
+        if p.op_type == "Transpose":
+            perm = list(attr(p, "perm", []) or reversed(range(rank)))
+            where = [perm[a] for a in where]
+            t = p.input[0]
+            continue
+        if p.op_type not in _KEEPS_LAYOUT:
+            return None
+        same = [i for i in p.input if i and idx.value(i) is None and ctx.rank(i) == rank]
+        if not same:
+            return None
+        t = same[0]
     return None
 
 
@@ -240,6 +292,9 @@ def match_collapse(a: str, ctx: Context) -> Collapse | Refusal:
                            "map does", st.node)
     letters = "NC" + {1: "L", 2: "HW", 3: "DHW"}.get(rank - 2, "".join(f"S{i}" for i in range(rank - 2)))
     layout = "".join(letters[i] for i in perm) if transpose is not None else letters
+    pooled_from = pooled_source(ctx, producer) if unsqueeze else None
+    if pooled_from is not None and pooled_from[1] is not None:  # a channels-last map pooled in place
+        layout = "".join(letters[pooled_from[1].index(i)] for i in range(rank))
     nodes = tuple(([transpose] if transpose is not None else []) + list(reversed(walked)))
     # the pattern: the collapse's ops in order, a region's ops under one name
     regions = {node_key(r.nodes[0]): r for r in made if isinstance(r, Region)}
