@@ -303,3 +303,65 @@ def test_trunk_region_along_a_spatial_axis_is_refused_by_name():
     assert convert(model).converted == 1   # keep mode does not care
     with pytest.raises(Fc2ConvError, match=r"ReduceMean 'mu' in the trunk acts along spatial axis 3"):
         convert(model, dense=True)
+
+
+def _pooled_norm_head(axes: str):
+    """GlobalAveragePool -> a LayerNorm over ``axes`` of the pooled [N, C, 1, 1]
+    map, then Hardswish (opset 13: HardSigmoid, Mul) -> Flatten -> Gemm."""
+    return parse(f"""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,3,6,6] x) => (float[N,5] y) {{
+          c = Conv <kernel_shape=[3,3]> (x, cw)
+          p = GlobalAveragePool(c)
+          mu = ReduceMean <axes = {axes}> (p)
+          d = Sub(p, mu)
+          sq = Mul(d, d)
+          var = ReduceMean <axes = {axes}> (sq)
+          ve = Add(var, eps)
+          sd = Sqrt(ve)
+          n = Div(d, sd)
+          o = Mul(n, gamma)
+          hs = HardSigmoid <alpha=0.16666667> (o)
+          hw = Mul(o, hs)
+          f = Flatten(hw)
+          y = Gemm <transB=1> (f, w1, b1)
+        }}""", cw=w(M, 3, 3, 3), eps=np.array(1e-5, np.float32), gamma=w(1, M, 1, 1) + 1, w1=w(5, M), b1=w(5))
+
+
+def test_region_on_a_pooled_map_before_the_flatten():
+    """Along the channels of the pooled map (axes=[1]): one region, keep and dense."""
+    model = _pooled_norm_head("[1]")
+    result = assert_converts(model, convs=1)
+    assert result.layers[0].pattern == \
+        "GlobalAveragePool+region(ReduceMean,Sub,Mul,ReduceMean,Add,Sqrt,Div,Mul,HardSigmoid,Mul)+Flatten"
+    report = check(model, convert(model, dense=True).model, dense=True)
+    assert report, "\n".join(report.lines())
+
+
+def test_region_along_a_spatial_axis_of_the_pooled_map_is_refused_in_dense_mode():
+    """Along axis -1 (W, of size 1 after the pool): keep mode is the same
+    arithmetic; on a dense map it would mix positions, so dense mode refuses,
+    naming the reduction."""
+    model = _pooled_norm_head("[-1]")
+    got = match_region("p", M, 2, ctx_of(model))
+    assert isinstance(got, Refusal) and got.reason == "acts along axis 3, not the feature axis"
+    assert got.node.output[0] == "mu"
+    assert_converts(model, convs=1)
+    with pytest.raises(Fc2ConvError, match=r"ReduceMean 'mu' in the trunk acts along spatial axis 3"):
+        convert(model, dense=True)
+
+
+def test_mean_variance_normalization_with_default_axes_once_its_shape_is_known():
+    """MVN's default axes [0, 2, 3] mix positions: once its output shape is
+    known (ONNX inference leaves it unknown from opset 13; here given as the
+    runtime probe would), keep mode converts and dense mode refuses, naming it."""
+    for opset in (13, 18):
+        model = trunk("o = MeanVarianceNormalization(c)", opset, {})
+        model.graph.value_info.append(onnx.helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT,
+                                                                         ["N", M, 10, 10]))
+        result = convert(model)   # (onnx's full check fails on MVN's own function body from opset 13)
+        assert result.converted == 1 and "Conv" in [n.op_type for n in result.model.graph.node[-2:]]
+        assert check(model, result.model)
+        with pytest.raises(Fc2ConvError, match=r"MeanVarianceNormalization 'o' in the trunk acts along spatial "
+                                               r"axes \[2, 3\] \(axes \[0, 2, 3\]"):
+            convert(model, dense=True)
