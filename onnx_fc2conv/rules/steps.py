@@ -299,7 +299,10 @@ def grow_region(t: str, ctx: Context, *, end: str | None = None, input_may_leave
         inside.add(node.output[0])
         push(node.output[0])
         out = _leaving(idx, t, inside, {node_key(n) for n in members})
-        if out is not None and (end is None or out == end) and list(ctx.shape(out) or ()) == list(shape):
+        oshape = ctx.shape(out) if out is not None else None
+        # the same features out as in (the batch dim's symbol may differ along the graph)
+        if oshape is not None and (end is None or out == end) and len(oshape) == len(shape) \
+                and list(oshape[1:]) == list(shape[1:]):
             cuts.append((len(members), out))
     if not cuts:
         return refusal or Refusal(f"the per-position ops that read {t!r} do not meet in one output")
