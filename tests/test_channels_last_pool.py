@@ -94,3 +94,28 @@ def test_a_reduction_over_channels_and_height_is_no_pool():
     assert "not from a flattened spatial feature map" in result.layers[0].reason
     with pytest.raises(Fc2ConvError, match="none of the 1 FC layer converts"):
         convert(model, dense=True)
+
+
+def test_global_average_pool_after_a_transpose_with_casts_around():
+    """An NHWC trunk that turns channels-first only for its pool:
+    ``Transpose(0,3,1,2) -> Cast -> GlobalAveragePool -> Cast -> Flatten -> Gemm``."""
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,8,8,3] x) => (float[N,5] y) {
+          xc = Transpose <perm=[0,3,1,2]> (x)
+          c = Conv <kernel_shape=[3,3], pads=[1,1,1,1]> (xc, cw)
+          t = Transpose <perm=[0,2,3,1]> (c)
+          r = Relu(t)
+          back = Transpose <perm=[0,3,1,2]> (r)
+          k = Cast <to=1> (back)
+          p = GlobalAveragePool(k)
+          k2 = Cast <to=1> (p)
+          f = Flatten(k2)
+          y = Gemm <transB=1> (f, w1, b1)
+        }""", cw=w(4, 3, 3, 3), w1=w(5, 4), b1=w(5))
+    result = assert_converts(model, convs=1)
+    assert result.layers[0].pattern == "GlobalAveragePool+Cast+Flatten"
+    dense = convert(model, dense=True)
+    assert dense.geometry[0]["window_source"] == "k"
+    report = check(model, dense.model, dense=True)
+    assert report, "\n".join(report.lines())
