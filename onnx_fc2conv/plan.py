@@ -150,7 +150,7 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
         source = dh.source
         if dh.source_perm:  # a channels-last map pooled in place: channels first for the pool
             source = namer(f"{dh.source}_channels_first")
-            nodes.append(helper.make_node("Transpose", [dh.source], [source], name=namer(f"{dh.source}_to_nchw"),
+            nodes.append(helper.make_node("Transpose", [dh.source], [source], name=namer(f"{dh.source}_to_channels_first"),
                                           perm=list(dh.source_perm)))
         nodes.append(helper.make_node(dh.pool_op, [source], [out], name=dh.pool.name or namer("window_pool"),
                                       **attrs))
