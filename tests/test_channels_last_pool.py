@@ -56,6 +56,24 @@ def test_spatial_axes_are_read_back_through_the_layout():
     assert pooled_source(ctx, node(model, "m")) == ("k", (0, 3, 1, 2))
 
 
+def test_spatial_axes_through_a_channel_concat_and_a_pad():
+    """An NHWC port's inception-like join (Concat along C) and a Pad keep the layout."""
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,3,8,8] x) => (float[N,5] y) {
+          c = Conv <kernel_shape=[3,3], pads=[1,1,1,1]> (x, cw)
+          t = Transpose <perm=[0,2,3,1]> (c)
+          j = Concat <axis=3> (t, t)
+          q = Pad(j, pads)
+          m = ReduceMean <axes=[1,2], keepdims=0> (q)
+          y = Gemm <transB=1> (m, w1, b1)
+        }""", cw=w(4, 3, 3, 3), pads=np.array([0, 1, 1, 0, 0, 1, 1, 0], np.int64), w1=w(5, 8), b1=w(5))
+    assert spatial_axes(ctx_of(model), "q") == {1, 2}
+    assert_converts(model, convs=1)
+    report = check(model, convert(model, dense=True).model, dense=True)
+    assert report, "\n".join(report.lines())
+
+
 @pytest.mark.parametrize("reduce", ["ReduceMean", "ReduceMax"])
 @pytest.mark.parametrize("image", ["nchw", "nhwc"])
 def test_channels_last_global_reduce_is_a_whole_map_pool(reduce, image):

@@ -119,7 +119,7 @@ def pooled_source(ctx: Context, node: onnx.NodeProto) -> tuple | None:
 
 
 # ops through which a map keeps its axis order (the spatial axes stay where they are)
-_KEEPS_LAYOUT = ops.POINTWISE | ops.BROADCAST
+_KEEPS_LAYOUT = ops.POINTWISE | ops.BROADCAST | {"Pad", "Concat"}
 
 
 def spatial_axes(ctx: Context, tensor: str, limit: int = 64) -> set | None:
