@@ -209,7 +209,6 @@ class Region:
     output: str                  # the one tensor that leaves it
     constants: tuple = ()        # ((node index, input index, value for the map), ...)
     reductions: tuple = ()       # indices of the reductions (along the features): re-emitted along axis 1
-    class_axis: bool = False
 
     @property
     def node(self) -> onnx.NodeProto:
@@ -240,11 +239,8 @@ def _region_node(node: onnx.NodeProto, inside: set, rank: int, ctx: Context) -> 
         return Refusal("has a second output that is used", node)
     if not idx.uses(node.output[0]):
         return Refusal("has an output that nothing reads", node)
-    for i, name in enumerate(node.input):
-        if not name or name in inside:
-            continue
-        if idx.value(name) is None:
-            return Refusal("combines the features with another tensor", node)
+    if any(name and name not in inside and idx.value(name) is None for name in node.input):
+        return Refusal("combines the features with another tensor", node)
     if op in ops.BROADCAST:
         return None
     if any(name in inside for name in node.input[1:]):
