@@ -365,3 +365,34 @@ def test_mean_variance_normalization_with_default_axes_once_its_shape_is_known()
         with pytest.raises(Fc2ConvError, match=r"MeanVarianceNormalization 'o' in the trunk acts along spatial "
                                                r"axes \[2, 3\] \(axes \[0, 2, 3\]"):
             convert(model, dense=True)
+
+
+@pytest.mark.parametrize("name", ["GELU (erf)", "SiLU", "Hardswish opset 13", "LayerNorm"])
+def test_region_in_a_qdq_model_from_onnxruntimes_quantizer(name, tmp_path):
+    """onnxruntime's quantize_static (QDQ) wraps the region's ops in
+    Quantize/Dequantize pairs, writes its constants as dequantized ones, and
+    starts the next FC at its input's QuantizeLinear: the region stops there,
+    and both FCs convert."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"x": np.random.default_rng(i).standard_normal((1, 3, 6, 6)).astype(np.float32)}
+                               for i in range(4)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    src, out = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    onnx.save(head(name, "between"), src)
+    quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    model = onnx.load(out)
+    result = convert(model)
+    assert [layer.conv for layer in result.layers] == ["DequantizeLinear+Conv"] * 2
+    assert all(layer.converted for layer in result.layers)
+    assert check(model, result.model)
+    report = check(model, convert(model, dense=True).model, dense=True)
+    assert report, "\n".join(report.lines())
+    line = inspect(model).heads[0]
+    assert "region (" in line and line.count("QDQ Gemm") == 2, line

@@ -47,6 +47,7 @@ from onnx import helper
 from .. import kernels, ops
 from ..graph import attr, node_key, node_label
 from . import Context, Refusal
+from .fc import match_fc
 
 NOOP_RESHAPES = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity"})
 SCALAR_EXTRAS = frozenset({"Clip", "Dropout"})   # extra inputs that may be non-constant scalars
@@ -209,6 +210,7 @@ class Region:
     output: str                  # the one tensor that leaves it
     constants: tuple = ()        # ((node index, input index, value for the map), ...)
     reductions: tuple = ()       # indices of the reductions (along the features): re-emitted along axis 1
+    reshaped: tuple = ()         # ((node index, input index, shape for the map), ...): dequantized constants
 
     @property
     def node(self) -> onnx.NodeProto:
@@ -223,7 +225,7 @@ class Region:
     def per_feature(self) -> bool:
         """It reduces along the features or holds a per-feature parameter: on
         a flattened (not pooled) map it would mix positions."""
-        return bool(self.reductions) or any(np.size(v) > 1 for _, _, v in self.constants) \
+        return bool(self.reductions) or any(np.size(v) > 1 for _, _, v in self.constants) or bool(self.reshaped) \
             or any(n.op_type in ops.PER_CHANNEL for n in self.nodes)
 
 
@@ -239,7 +241,9 @@ def _region_node(node: onnx.NodeProto, inside: set, rank: int, ctx: Context) -> 
         return Refusal("has a second output that is used", node)
     if not idx.uses(node.output[0]):
         return Refusal("has an output that nothing reads", node)
-    if any(name and name not in inside and idx.value(name) is None for name in node.input):
+    if op in QUANTIZE and match_fc(node, ctx) is not None:
+        return Refusal("starts a quantized FC", node)   # a QDQ FC begins at its input's quantizer
+    if any(name and name not in inside and not _constant(name, ctx) for name in node.input):
         return Refusal("combines the features with another tensor", node)
     if op in ops.BROADCAST:
         return None
@@ -260,6 +264,21 @@ def _region_node(node: onnx.NodeProto, inside: set, rank: int, ctx: Context) -> 
             axis = wrong[0] if wrong else sorted(acted)[0] if acted else "none"
             return Refusal(f"acts along axis {axis}, not the feature axis", node)
     return None
+
+
+def _constant(name: str, ctx: Context, depth: int = 3) -> bool:
+    """A constant operand: a constant, or (QDQ models: onnxruntime's quantizer
+    writes GELU's ``1.0`` as ``DequantizeLinear(QuantizeLinear(1.0))``, a
+    LayerNorm's gamma as ``DequantizeLinear(int8 gamma)``) a tensor of static
+    shape quantized and dequantized from constants: it stays as it is, and
+    where it is per feature a Reshape on the map gives it ``[M, 1, ...]``."""
+    idx = ctx.idx
+    if idx.value(name) is not None:
+        return True
+    p = idx.producer.get(name)
+    shape = ctx.shape(name)
+    return depth > 0 and p is not None and p.op_type in QUANTIZE and ops.is_default(p) and shape is not None \
+        and all(isinstance(d, int) for d in shape) and all(_constant(i, ctx, depth - 1) for i in p.input if i)
 
 
 def grow_region(t: str, ctx: Context, *, end: str | None = None, input_may_leave: bool = False):
@@ -331,7 +350,7 @@ def match_region(t: str, m: int, spatial_rank: int, ctx: Context, *, end: str | 
     nodes, out = grown
     idx = ctx.idx
     inside = {t} | {n.output[0] for n in nodes}
-    consts, reductions = [], []
+    consts, reductions, reshaped = [], [], []
     for i, node in enumerate(nodes):
         if node.op_type in ops.REDUCES:
             reductions.append(i)
@@ -342,15 +361,21 @@ def match_region(t: str, m: int, spatial_rank: int, ctx: Context, *, end: str | 
             if not name or name in inside:
                 continue
             v = idx.value(name)
+            dequantized = v is None   # a dequantized constant (see _constant): its shape only
+            if dequantized:
+                v = np.zeros([int(d) for d in ctx.shape(name)], dtype=np.float32)
             try:
-                reshaped = _map_constant(v, len(shape), m, spatial_rank)
+                mapped = _map_constant(v, len(shape), m, spatial_rank)
             except kernels.NotPerFeature:
                 return Refusal(f"uses a constant of shape {list(v.shape)} that is not per feature", node)
             if node.op_type in QUANTIZE and v.size != 1:
                 return Refusal("quantizes per axis or in blocks, not per tensor", node)
-            if reshaped is not v:
-                consts.append((i, j, reshaped))
-    return Region(nodes, t, out, tuple(consts), tuple(reductions))
+            if mapped is not v:
+                if dequantized:
+                    reshaped.append((i, j, tuple(mapped.shape)))
+                else:
+                    consts.append((i, j, mapped))
+    return Region(nodes, t, out, tuple(consts), tuple(reductions), tuple(reshaped))
 
 
 def _map_constant(v: np.ndarray, rank: int, m: int, spatial: int) -> np.ndarray:
@@ -372,6 +397,7 @@ def _emit_region(region: Region, x: str, out: str, namer, opset: int, suffix: st
     for its output, constants per feature, reductions along axis 1."""
     names = {region.input: x, region.output: out}
     consts = {(i, j): v for i, j, v in region.constants}
+    reshaped = {(i, j): shape for i, j, shape in region.reshaped}
     nodes, inits = [], []
     for i, node in enumerate(region.nodes):
         new = onnx.NodeProto()
@@ -380,6 +406,11 @@ def _emit_region(region: Region, x: str, out: str, namer, opset: int, suffix: st
             if (i, j) in consts:
                 cname = namer(f"{name}{suffix}")
                 inits.append((cname, consts[(i, j)]))
+                new.input[j] = cname
+            elif (i, j) in reshaped:   # a dequantized per-feature constant: [M] -> [M, 1, ...]
+                shape, cname = namer(f"{name}_map_shape"), namer(f"{name}{suffix}")
+                inits.append((shape, np.array(reshaped[(i, j)], dtype=np.int64)))
+                nodes.append(helper.make_node("Reshape", [name, shape], [cname], name=namer(f"{name}_to_map")))
                 new.input[j] = cname
             elif name in names:
                 new.input[j] = names[name]
