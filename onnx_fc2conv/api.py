@@ -57,11 +57,12 @@ class InspectResult:
     source: str | None = None
     geometry: list = field(default_factory=list)   # per head, if the model can be made dense
     dense_reason: str | None = None                # why it cannot, if not
+    heads: list = field(default_factory=list)      # per head, its collapse, FCs and steps in order
 
     def to_dict(self) -> dict:
         return {"source": self.source, "fc_layers": len(self.layers),
                 "convertible": sum(1 for layer in self.layers if layer.converted),
-                "layers": [layer.to_dict() for layer in self.layers],
+                "layers": [layer.to_dict() for layer in self.layers], "heads": self.heads,
                 "dense": {"possible": self.dense_reason is None and bool(self.geometry),
                           "reason": self.dense_reason, "geometry": self.geometry}}
 
@@ -215,7 +216,19 @@ def inspect(model, input_shapes=None, keep_global_pools: bool = False) -> Inspec
             reason = str(exc)
     else:
         reason = _none_converted([layer for layer in layers if not layer.converted])
-    return InspectResult(layers, str(loaded.path) if loaded.path else None, geometry, reason)
+    return InspectResult(layers, str(loaded.path) if loaded.path else None, geometry, reason,
+                         [_head_line(head) for head in heads])
+
+
+def _head_line(head) -> str:
+    """``Flatten -> Gemm 'fc1' -> region (Div, Erf, Add, Mul, Mul) -> Gemm 'fc2'``:
+    what a head carries to the map, in order (steps named by rules/steps.label)."""
+    from .rules.steps import label
+
+    parts = [head.collapse.pattern]
+    for item in head.items:
+        parts.append(f"{item.op} {item.name!r}" if isinstance(item, find.FC) else label(item))
+    return " -> ".join(parts)
 
 
 @_corrupt_strings

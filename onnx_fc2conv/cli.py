@@ -247,6 +247,8 @@ def _cmd_inspect(args, out) -> int:
     out(_summary(args.input, result.layers))
     for line in _layer_table(result.layers):
         out(line)
+    for i, line in enumerate(result.heads):
+        out(f"head {i}: {line}")
     for line in _geometry_lines(result.geometry, "with --dense:"):
         out(line)
     if result.dense_reason:

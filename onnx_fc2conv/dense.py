@@ -30,8 +30,8 @@ from . import ops
 from .errors import Fc2ConvError
 from .find import Head, Layer
 from .rules import Context, Refusal
-from .rules.collapse import covers, head_pool, pooled_map
-from .rules.steps import match_step
+from .rules.collapse import covers, head_pool, pooled_source
+from .rules.steps import Region, match_region, match_step
 from .geometry import MapAxis, MapGeometry, pooled_segment, trace
 from .graph import GraphIndex, node_key, node_label
 from .plan import SignaturePlan
@@ -58,6 +58,14 @@ class DenseHead:
     # identity views between those pools and the collapse, computed for the
     # native size (dynamo's as_strided): Gather nodes that become Identity
     segment_views: tuple = ()
+    # a channels-last source pooled in place (an NHWC trunk's ReduceMean over
+    # its spatial axes): the permutation that makes it [N, C, *S], else None
+    source_perm: tuple | None = None
+
+    @property
+    def source_axes(self) -> tuple:
+        """The spatial axes of ``source``, in the map's order."""
+        return tuple(self.source_perm[2:]) if self.source_perm else tuple(range(2, 2 + len(self.window)))
 
     def map_geometry(self) -> MapGeometry:
         axes = tuple(MapAxis(a.input, a.input_axis, a.stride, a.receptive_field + (h - 1) * a.stride, a.offset, h)
@@ -98,7 +106,8 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
     ctx = ctx or Context(GraphIndex(model), shapes)
     idx = ctx.idx
     pools = [_head_pool(ctx, head) for head in heads]
-    found = trace(idx, shapes, [p[2] for p in pools], keep_global=keep_global_pools or lenient, lenient=lenient)
+    found = trace(idx, shapes, [p[2] for p in pools], keep_global=keep_global_pools or lenient, lenient=lenient,
+                  spatial={p[2]: set(p[5][2:]) for p in pools if p[5]})
     dynamic = _dynamic_quantization(heads)
     if dynamic and not lenient:
         raise Fc2ConvError(dynamic[0])
@@ -110,17 +119,22 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
             raise Fc2ConvError(f"FC {layer.name!r} is not converted ({layer.reason}); dense mode needs every FC "
                                "to become a convolution")
     out = DensePlan([], kept_global=found.kept_global, refusals=found.refusals + dynamic)
-    for head, (pool, pool_op, source, segment, views) in zip(heads, pools):
-        window = tuple(int(d) for d in ctx.shape(source)[2:])
+    for head, (pool, pool_op, source, segment, views, perm) in zip(heads, pools):
+        spatial = tuple(perm[2:]) if perm else tuple(range(2, len(ctx.shape(source))))
+        window = tuple(int(ctx.shape(source)[a]) for a in spatial)
         geo = found.geo.get(source, {})
+        if perm and set(geo) != set(spatial):
+            raise Fc2ConvError(f"the axes {sorted(spatial)} that {pool.op_type} {node_label(pool)!r} pools are not the "
+                               f"spatial axes {sorted(geo)} of {source!r}; the model cannot be made dense")
         axes = []
-        for axis in range(2, 2 + len(window)):
+        for axis in spatial:
             if axis not in geo:
                 raise Fc2ConvError(f"cannot trace spatial axis {axis} of {source!r} back to an input; "
                                    "the model cannot be made dense")
             axes.append(geo[axis])
         tail, outputs = _tail(ctx, head)
-        dh = DenseHead(head, source, window, pool, pool_op, tuple(tail), tuple(outputs), tuple(axes), segment, views)
+        dh = DenseHead(head, source, window, pool, pool_op, tuple(tail), tuple(outputs), tuple(axes), segment, views,
+                       perm)
         out.heads.append(dh)
         for a in dh.geometry:
             out.image_inputs.setdefault(a.input, set()).add(a.input_axis)
@@ -210,8 +224,9 @@ def _dynamic_quantization(heads: list[Head]) -> list[str]:
 
 
 def _head_pool(ctx: Context, head: Head):
-    """(pool node or None, windowed pool op, T): the map whose windows the
-    head sees is the input of the head's global pool, else the collapsed map."""
+    """(pool node or None, windowed pool op, T, segment pools, views, T's
+    perm to channels-first or None): the map whose windows the head sees is
+    the input of the head's global pool, else the collapsed map."""
     col = head.collapse
     f = col.source
     producer = ctx.idx.producer.get(f)
@@ -219,26 +234,27 @@ def _head_pool(ctx: Context, head: Head):
     if kind is None:
         found = pooled_segment(ctx.idx, ctx.shapes, f) if all(d == 1 for d in col.feature_shape[1:]) else None
         if found is None:
-            return None, None, f, (), ()
+            return None, None, f, (), (), None
         pools, _, views = found
         source = pools[0].input[0]
         tshape = ctx.shape(source)
         if tshape is None or not all(isinstance(d, int) for d in tshape[2:]):
             raise Fc2ConvError(f"the map {source!r} that the head pools has an unknown size; give --input-shape")
-        return None, None, source, tuple((p, ops.WINDOWED_POOL[p.op_type]) for p in pools), tuple(views)
+        return None, None, source, tuple((p, ops.WINDOWED_POOL[p.op_type]) for p in pools), tuple(views), None
     label = f"{producer.op_type} {node_label(producer)!r}"
     pool_op = ops.WINDOWED_POOL.get(producer.op_type)
     if pool_op is None:
         raise Fc2ConvError(f"{label} before FC {head.fcs[0].name!r} has no windowed pool equivalent; "
                            "the model cannot be made dense")
-    source = (pooled_map(ctx, producer) if producer.op_type in ops.REDUCES else None) or producer.input[0]
+    source, perm = (pooled_source(ctx, producer) if producer.op_type in ops.REDUCES else None) \
+        or (producer.input[0], None)
     tshape = ctx.shape(source)
-    if tshape is None or not all(isinstance(d, int) for d in tshape[2:]):
+    if tshape is None or not all(isinstance(d, int) for d in tshape[1:]):
         raise Fc2ConvError(f"the map {source!r} that {label} pools has an unknown size; give --input-shape")
     if kind == "covering" and not covers(producer, list(tshape[2:])):
         raise Fc2ConvError(f"{label} does not cover its whole map (every position counted once); "
                            "the model cannot be made dense")
-    return producer, pool_op, source, (), ()
+    return producer, pool_op, source, (), (), perm
 
 
 def _tail(ctx: Context, head: Head):
@@ -257,6 +273,12 @@ def _tail(ctx: Context, head: Head):
             outputs.append(t)
         if t in idx.sub_reads:
             raise Fc2ConvError(f"the head output {t!r} is read inside a subgraph; the model cannot be made dense")
+        if len(idx.consumers.get(t, ())) > 1:  # per-position ops that meet again (a region)
+            region = match_region(t, m, head.spatial_rank, ctx, input_may_leave=True)
+            if isinstance(region, Region):
+                taken.update(node_key(n) for n in region.nodes)
+                tail.append(region)
+                frontier.append(region.output)
         for node in idx.consumers.get(t, ()):
             if node_key(node) in taken:
                 continue

@@ -18,7 +18,7 @@ from .graph import GraphIndex, node_key, node_label
 from .rules import Context, Refusal
 from .rules.collapse import Collapse, NeedsShape, fmt_shape, match_collapse
 from .rules.fc import FC, match_fc
-from .rules.steps import AFTER_HEAD, describe, match_step
+from .rules.steps import AFTER_HEAD, Region, describe, match_region, match_step
 from .shapes import TensorInfo
 
 
@@ -77,7 +77,7 @@ class NeedsInputShape(Fc2ConvError):
 
 
 def item_nodes(item) -> tuple:
-    return item.nodes if isinstance(item, FC) else (item.node,)
+    return item.nodes   # an FC's nodes, a Step's one node, a Region's nodes
 
 
 def find_heads(model_or_ctx, shapes: dict[str, TensorInfo] | None = None) -> tuple[list[Head], list[Layer]]:
@@ -161,6 +161,14 @@ def _chain(ctx: Context, fc: FC, spatial: int, head_no: int, layers: list, stops
     while True:
         nxt = idx.only_consumer(t)
         if nxt is None or t in idx.outputs:
+            # the features fan out to per-position ops that meet again (GELU, a decomposed LayerNorm...)
+            region = match_region(t, m, spatial, ctx) if t not in idx.outputs else None
+            if isinstance(region, Region):
+                items.append(region)
+                t = region.output
+                continue
+            if isinstance(region, Refusal) and region.node is not None and match_fc(region.node, ctx) is None:
+                stops[t] = (fc.name, region)
             break
         nfc = match_fc(nxt, ctx)
         if isinstance(nfc, FC) and nfc.input == t:

@@ -145,10 +145,13 @@ class _Refused(Exception):
     pass
 
 
-def trace(idx: GraphIndex, shapes, sources, *, keep_global: bool = False, lenient: bool = False) -> Trace:
+def trace(idx: GraphIndex, shapes, sources, *, keep_global: bool = False, lenient: bool = False,
+          spatial: dict | None = None) -> Trace:
     """Geometry of the trunk that computes ``sources`` (the maps the heads read).
 
     Args:
+        spatial: source -> its spatial axes where they are not ``2..`` (a
+            channels-last map pooled in place: ``(1, 2)``).
         keep_global: global pools in the trunk (squeeze-excitation) stay global
             over the whole input: accepted, their outputs carry no position.
         lenient: record what is not per position in ``Trace.refusals`` and go
@@ -158,10 +161,12 @@ def trace(idx: GraphIndex, shapes, sources, *, keep_global: bool = False, lenien
     cone = _cone(idx, sources)
     # Pass 1 learns which input axes reach the heads' spatial axes (an NHWC
     # input's channel axis does not); pass 2 checks with only those spatial.
-    # Only the maps' spatial axes (2..) count: a residual from the input
+    # Only the maps' spatial axes (2.., or those given) count: a residual from the input
     # (Add(Relu(Conv(x)), x)) carries the input's channel axis into the map's.
     first = _Pass(idx, shapes, cone, None, keep_global=True, lenient=True).run()
-    wanted = {(a.input, a.input_axis) for s in sources for axis, a in first.geo.get(s, {}).items() if axis >= 2}
+    spatial = spatial or {}
+    wanted = {(a.input, a.input_axis) for s in sources for axis, a in first.geo.get(s, {}).items()
+              if (axis in spatial[s] if s in spatial else axis >= 2)}
     return _Pass(idx, shapes, cone, wanted, keep_global=keep_global, lenient=lenient).run()
 
 

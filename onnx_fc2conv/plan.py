@@ -187,7 +187,12 @@ def _map_source(idx: GraphIndex, namer: Namer, head: Head, dh, out: _Out) -> str
     if dh is not None and dh.pool is not None:
         y = namer(f"{x}_map") if col.unsqueeze else x
         attrs = {"kernel_shape": list(dh.window), "strides": [1] * len(dh.window)}
-        out.nodes.append(helper.make_node(dh.pool_op, [dh.source], [y], name=dh.pool.name or namer("window_pool"),
+        source = dh.source
+        if dh.source_perm:  # a channels-last map pooled in place: channels first for the pool
+            source = namer(f"{dh.source}_channels_first")
+            out.nodes.append(helper.make_node("Transpose", [dh.source], [source],
+                                              name=namer(f"{dh.source}_to_channels_first"), perm=list(dh.source_perm)))
+        out.nodes.append(helper.make_node(dh.pool_op, [source], [y], name=dh.pool.name or namer("window_pool"),
                                           **attrs))
         out.removed.add(node_key(dh.pool))
         x = y
@@ -309,10 +314,10 @@ def _keep_end(namer: Namer, head: Head, fold: bool, pin: bool, x: str, out: _Out
 def _dense_tail(idx: GraphIndex, namer: Namer, head: Head, dh, out: _Out) -> None:
     """Dense mode: the steps after the head, on the score map (per position)."""
     for step in dh.tail:
-        new_nodes, new_inits = emit(step, step.node.input[step.data_index], step.node.output[0], namer,
+        new_nodes, new_inits = emit(step, step.input, step.node.output[0], namer,
                                     head.spatial_rank, idx.opset, dense=True, suffix="_dense")
         out.add(new_nodes, new_inits)
-        out.removed.add(node_key(step.node))
+        out.removed.update(node_key(n) for n in step.nodes)
 
 
 def plan_trunk_reshape(idx: GraphIndex, namer, node: onnx.NodeProto, s: int, middle: list):

@@ -211,8 +211,8 @@ def check_dense(original: onnx.ModelProto, converted, *, provider="cpu", atol=No
                               [shapes[n][a] for a in sorted(plan.image_inputs[n])])
         for h, s_head, free_batch, extra in head_models:
             t = t_out[h.source]
-            win = h.window
-            grid = [t.shape[2 + k] - win[k] + 1 for k in range(len(win))]
+            win, axes = h.window, h.source_axes
+            grid = [t.shape[axes[k]] - win[k] + 1 for k in range(len(win))]
             if any(g < 1 for g in grid):
                 errors.append(f"the map {h.source!r} is smaller than the window at input size {size_label}")
                 continue
@@ -225,8 +225,12 @@ def check_dense(original: onnx.ModelProto, converted, *, provider="cpu", atol=No
                 if list(d.shape[-len(win):]) != grid:
                     errors.append(f"output {o!r} at input size {size_label}: map {list(d.shape[-len(win):])}, "
                                   f"expected {grid}")
-            windows = [t[(slice(None), slice(None)) + tuple(slice(p, p + w) for p, w in zip(pos, win))]
-                       for pos in positions]
+            windows = []
+            for pos in positions:
+                cut = [slice(None)] * t.ndim
+                for ax, start, size in zip(axes, pos, win):
+                    cut[ax] = slice(start, start + size)
+                windows.append(t[tuple(cut)])
             results = _run_head(s_head, h, windows, free_batch, extra, in_infos, plan, t.shape[0])
             for o_i, o in enumerate(h.outputs):
                 d = dense_out[o]

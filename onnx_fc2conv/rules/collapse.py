@@ -23,10 +23,10 @@ import numpy as np
 import onnx
 
 from .. import ops
-from ..graph import attr, node_label, run_nodes
+from ..graph import attr, node_key, node_label, run_nodes
 from ..ops import RESHAPE_LIKE, WINDOWED_POOL  # noqa: F401 (WINDOWED_POOL: dense.py)
 from . import Context, Refusal
-from .steps import describe, match_step
+from .steps import REGION_OPS, Region, describe, grow_region, match_region, match_step
 
 
 @dataclass(frozen=True)
@@ -77,23 +77,75 @@ def global_reduce_rank(ctx: Context, node: onnx.NodeProto, keepdims: int | None 
 
 
 def pooled_map(ctx: Context, node: onnx.NodeProto) -> str | None:
-    """The channels-first map ``[N, C, *S]`` that a reduction pools whole:
-    its input, or, for a reduction over the spatial axes of a channels-last
+    """The map ``[N, C, *S]`` that a reduction pools whole: its input, or,
+    for a reduction over the spatial axes of a channels-last
     ``Transpose(0, 2, ..., 1)`` of a map, that Transpose's input; None when
-    it does not reduce every spatial axis."""
+    it does not reduce every spatial axis. A channels-last map with no
+    Transpose right before the reduction is its input too: see
+    :func:`pooled_source` for its axis order."""
+    found = pooled_source(ctx, node)
+    return found[0] if found is not None else None
+
+
+def pooled_source(ctx: Context, node: onnx.NodeProto) -> tuple | None:
+    """``(map, perm)``: the map a reduction pools whole, and the permutation
+    that makes it channels-first (None where it is). A reduction with
+    keepdims=0 over exactly the axes that are spatial in the trunk's layout
+    (:func:`spatial_axes`: an NHWC trunk, ``ReduceMean(axes=[1,2])`` with no
+    Transpose right before it) pools its input whole; its perm puts the one
+    other axis, the channels, at 1."""
     rank = ctx.rank(node.input[0]) or 0
     acted = ops.acted_axes(node, rank, ctx.idx.opset, ctx.idx.value)
     if acted is None or rank < 3:
         return None
     spatial = set(range(2, rank))
     if acted == spatial:
-        return node.input[0]
+        return node.input[0], None
+    if int(attr(node, "keepdims", 1)) != 0:
+        return None
     producer = ctx.idx.producer.get(node.input[0])
-    if producer is not None and producer.op_type == "Transpose" and ops.is_default(producer) \
-            and int(attr(node, "keepdims", 1)) == 0:
+    if producer is not None and producer.op_type == "Transpose" and ops.is_default(producer):
         perm = list(attr(producer, "perm", []) or [])
         if len(perm) == rank and perm[0] == 0 and {perm[a] for a in acted} == spatial:
-            return producer.input[0]
+            return producer.input[0], None
+    if 0 not in acted and len(acted) == rank - 2 and spatial_axes(ctx, node.input[0]) == acted:
+        channel = next(a for a in range(1, rank) if a not in acted)
+        return node.input[0], (0, channel) + tuple(sorted(acted))
+    return None
+
+
+# ops through which a map keeps its axis order (the spatial axes stay where they are)
+_KEEPS_LAYOUT = ops.POINTWISE | ops.BROADCAST | {"Pad", "Concat"}
+
+
+def spatial_axes(ctx: Context, tensor: str, limit: int = 64) -> set | None:
+    """The axes of ``tensor`` that are spatial, read back through element-wise
+    ops and Transposes to the windowed op or pool that wrote a channels-first
+    ``[N, C, *S]`` map; None when the walk meets anything else (geometry.py
+    then checks the whole trunk in dense mode)."""
+    idx = ctx.idx
+    rank = ctx.rank(tensor)
+    if rank is None:
+        return None
+    where = list(range(rank))     # axis i of ``tensor`` is axis where[i] of ``t``
+    t = tensor
+    for _ in range(limit):
+        p = idx.producer.get(t)
+        if p is None or not ops.is_default(p):
+            return None
+        if p.op_type in ops.WINDOWED or p.op_type in ops.GLOBAL_POOLS:
+            return {i for i in range(rank) if where[i] >= 2}
+        if p.op_type == "Transpose":
+            perm = list(attr(p, "perm", []) or reversed(range(rank)))
+            where = [perm[a] for a in where]
+            t = p.input[0]
+            continue
+        if p.op_type not in _KEEPS_LAYOUT:
+            return None
+        same = [i for i in p.input if i and idx.value(i) is None and ctx.rank(i) == rank]
+        if not same:
+            return None
+        t = same[0]
     return None
 
 
@@ -150,11 +202,10 @@ def match_collapse(a: str, ctx: Context) -> Collapse | Refusal:
     reason = _keeps_batch(ctx, fshape, transpose, forward, k, unsqueeze)
     if reason:
         return Refusal(reason, forward[0] if forward else None)
-    made = _steps(ctx, steps, feature_shape, rank)
+    made = _steps(ctx, steps, feature_shape, rank, a)
     if isinstance(made, Refusal):
         return made
-    letters = "NC" + {1: "L", 2: "HW", 3: "DHW"}.get(rank - 2, "".join(f"S{i}" for i in range(rank - 2)))
-    layout = "".join(letters[i] for i in perm) if transpose is not None else letters
+    layout = _layout(ctx, rank, perm, transpose, producer, unsqueeze)
     nodes = tuple(([transpose] if transpose is not None else []) + list(reversed(walked)))
     col = Collapse(src, perm, feature_shape, nodes, "", layout, unsqueeze, tuple(made))
     return Collapse(src, perm, feature_shape, nodes, _pattern(ctx, walked, transpose, src, col, unsqueeze), layout,
@@ -180,6 +231,23 @@ def _walk_back(a: str, ctx: Context) -> tuple[list, list, str]:
             t = p.input[0]
             continue
         data = [i for i in p.input if i and idx.value(i) is None]
+        if len(data) > 1 and p.output[0] == t and idx.uses(t) == 1:
+            region = _region_ending_at(ctx, t)   # per-position ops that fan out and meet again at t
+            if region is None:
+                break
+            nodes, start = region
+            end = t
+            while steps and steps[-1][0] is not None and steps[-1][1] == end:
+                # the per-position ops after it up to the FC join it, as in a chain
+                grown = grow_region(start, ctx, end=steps[-1][0].output[0])
+                if not isinstance(grown, tuple):
+                    break
+                nodes, end = grown[0], steps.pop()[0].output[0]
+            steps.append((None, (start, end)))
+            seen = {node_key(n) for n in walked}
+            walked.extend(n for n in reversed(nodes) if node_key(n) not in seen)
+            t = start
+            continue
         if len(data) != 1 or p.output[0] != t or idx.uses(t) != 1:
             break
         if p.op_type == "Transpose" and _vector(ctx.shape(t)) and walked:
@@ -237,31 +305,58 @@ def _map_shape(ctx: Context, walked: list, src: str, producer, perm):
     return fshape, unsqueeze
 
 
-def _steps(ctx: Context, steps: list, feature_shape: tuple, rank: int):
+def _steps(ctx: Context, steps: list, feature_shape: tuple, rank: int, a: str):
     """The collapse's per-position ops as Steps, or why one cannot stand there.
 
     Steps act on the map as on the flattened vector where they are
     element-wise with scalars; per-channel constants and ops along the
     features need a pooled (1x1) map."""
     pooled = all(d == 1 for d in feature_shape[1:])
-    made = [match_step(n, d, feature_shape[0], rank - 2, ctx, classes=True) for n, d in reversed(steps)]
+    made = [match_step(n, d, feature_shape[0], rank - 2, ctx, classes=True) if n is not None
+            else match_region(d[0], feature_shape[0], rank - 2, ctx, end=d[1]) for n, d in reversed(steps)]
     for st in made:
+        if st is None:
+            return Refusal(f"the per-position ops before it read a tensor of shape {fmt_shape(ctx.shape(a))}")
         if isinstance(st, Refusal):
             return Refusal(f"{describe(st)} before it", st.node)
-        if not pooled and (st.constants or st.class_axis or st.node.op_type in ops.PER_CHANNEL):
+        if isinstance(st, Region) and not pooled and st.per_feature:
+            return Refusal(f"region ({st.ops}) before it acts on the flattened features of "
+                           f"a {'x'.join(map(str, feature_shape[1:]))} map as a whole, which no convolution of the "
+                           "map does", st.node)
+        if not pooled and not isinstance(st, Region) and (st.constants or st.class_axis
+                                                          or st.node.op_type in ops.PER_CHANNEL):
             return Refusal(f"{st.node.op_type} {node_label(st.node)!r} before it acts on the flattened features of "
                            f"a {'x'.join(map(str, feature_shape[1:]))} map as a whole, which no convolution of the "
                            "map does", st.node)
     return made
 
 
+def _layout(ctx: Context, rank: int, perm: tuple, transpose, producer, unsqueeze: int) -> str:
+    """The flatten's axis order in letters (``NCHW``, ``NHWC``...)."""
+    letters = "NC" + {1: "L", 2: "HW", 3: "DHW"}.get(rank - 2, "".join(f"S{i}" for i in range(rank - 2)))
+    layout = "".join(letters[i] for i in perm) if transpose is not None else letters
+    pooled_from = pooled_source(ctx, producer) if unsqueeze else None
+    if pooled_from is not None and pooled_from[1] is not None:  # a channels-last map pooled in place
+        layout = "".join(letters[pooled_from[1].index(i)] for i in range(rank))
+    return layout
+
+
 def _pattern(ctx: Context, walked: list, transpose, src: str, col: Collapse, unsqueeze: int) -> str:
-    """The collapse as ``inspect`` names it: its ops in order, a pool before them."""
+    """The collapse as ``inspect`` names it: its ops in order (a region's ops
+    under one name), a pool before them."""
     idx = ctx.idx
-    names = [n.op_type for n in reversed(walked) if not (n.op_type == "Transpose" and n is not transpose)]
-    for i, n in enumerate(n for n in reversed(walked) if not (n.op_type == "Transpose" and n is not transpose)):
-        if n.op_type == "Reshape" and len(n.input) > 1 and idx.value(n.input[1]) is None:
-            names[i] = "Reshape(shape chain)"
+    regions = {node_key(r.nodes[0]): r for r in col.steps if isinstance(r, Region)}
+    inner = {node_key(n) for r in regions.values() for n in r.nodes[1:]}
+    names = []
+    for n in reversed(walked):
+        if (n.op_type == "Transpose" and n is not transpose) or node_key(n) in inner:
+            continue
+        if node_key(n) in regions:
+            names.append(f"region({','.join(x.op_type for x in regions[node_key(n)].nodes)})")
+        elif n.op_type == "Reshape" and len(n.input) > 1 and idx.value(n.input[1]) is None:
+            names.append("Reshape(shape chain)")
+        else:
+            names.append(n.op_type)
     if transpose is not None:
         names.insert(0, "Transpose")
     pool = idx.producer.get(src)
@@ -269,6 +364,31 @@ def _pattern(ctx: Context, walked: list, transpose, src: str, col: Collapse, uns
         keep = "" if pool.op_type not in ops.REDUCES else f"(keepdims={0 if unsqueeze else 1})"
         names.insert(0, pool.op_type + keep)
     return "+".join(names) or "-"
+
+
+def _region_ending_at(ctx: Context, end: str):
+    """``(nodes, input)`` of a region (rules/steps.py) whose output is ``end``,
+    or None. Walking back over per-position ops from ``end``, every tensor
+    where all paths meet is a candidate input; the furthest one from which
+    the region grows to ``end`` wins."""
+    idx = ctx.idx
+    frontier, starts = {end}, []
+    for _ in range(64):
+        latest = max(frontier, key=lambda x: idx.pos(idx.producer[x]) if x in idx.producer else -1)
+        p = idx.producer.get(latest)
+        if p is None or p.op_type not in REGION_OPS or not ops.is_default(p):
+            break
+        frontier.discard(latest)
+        frontier.update(i for i in p.input if i and idx.value(i) is None)
+        if not frontier:
+            break
+        if len(frontier) == 1:
+            starts.append(next(iter(frontier)))
+    for start in reversed(starts):
+        grown = grow_region(start, ctx, end=end)
+        if isinstance(grown, tuple):
+            return grown[0], start
+    return None
 
 
 def _vector(shape) -> bool:
