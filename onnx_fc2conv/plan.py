@@ -58,6 +58,8 @@ def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=Non
     on ``[1,M,N,1]`` and is turned back into ``[N,M]`` at the end."""
     idx = idx or GraphIndex(model)
     namer = Namer(model.graph)
+    pairs = _with_branches(heads, dense)
+    heads = [h for h, _ in pairs]
     kernel_cache: dict[tuple, str] = {}
     for name, key in _reusable_weights(model, idx, heads).items():
         kernel_cache[key] = name
@@ -70,8 +72,8 @@ def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=Non
     pin = idx.opset >= 5 and any(info.shape is None or not all(isinstance(d, int) for d in info.shape[1:])
                                  for info in input_infos(model).values())
     plans = []
-    for i, head in enumerate(heads):
-        plans.append(_plan_head(idx, namer, head, kernel_cache, dense.heads[i] if dense else None, shapes,
+    for head, dh in pairs:
+        plans.append(_plan_head(idx, namer, head, kernel_cache, dh, shapes,
                                 fold_batch and dense is None and idx.opset >= 5, pin))
     if dense is not None:
         plans.extend(plan_trunk_fixes(idx, namer, dense))
@@ -81,6 +83,30 @@ def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=Non
         nodes, inits = mapfc.emit(fc, idx, namer)
         plans.append(HeadPlan(node_key(fc.nodes[0]), tuple(nodes), tuple(inits), frozenset(mapfc.keys(fc))))
     return plans
+
+
+def _with_branches(heads: list[Head], dense) -> list[tuple]:
+    """(head, its DenseHead or None) for every head, each followed by its
+    branches (find.Branch) as heads of their own whose map is the shared
+    one: in keep mode the shared ``[N, M]`` vector unsqueezed to ``[N, M,
+    1, ...]``, in dense mode the shared score map itself (its original name).
+    A branch's DenseHead pools nothing and has no tail: its head's has the
+    tails and outputs of all its branches (dense.py)."""
+    from dataclasses import replace
+
+    from .rules.collapse import Collapse
+
+    pairs = []
+    for i, head in enumerate(heads):
+        dh = dense.heads[i] if dense is not None else None
+        pairs.append((head, dh))
+        s = head.spatial_rank
+        for b in head.all_branches():
+            col = Collapse(b.start, tuple(range(2 + s)), (b.m_in,) + (1,) * s, (), "fork", "NC",
+                           0 if dh is not None else s)
+            bdh = replace(dh, pool=None, pool_op=None, tail=(), segment_pools=(), segment_views=()) if dh else None
+            pairs.append((Head(col, b.items, b.end), bdh))
+    return pairs
 
 
 def plan_trunk_fixes(idx: GraphIndex, namer: Namer, dense) -> list[HeadPlan]:
