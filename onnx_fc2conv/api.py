@@ -88,7 +88,7 @@ def _io_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return skeleton
 
 
-def _find(model: onnx.ModelProto, overrides: dict):
+def _find(model: onnx.ModelProto, overrides: dict, all_fcs: bool = False):
     """Shapes and heads, and the one Context (graph index + shapes) the rest
     of the conversion reads; where the first FC's map has symbolic spatial
     dims and no --input-shape was given, the native size is derived from K."""
@@ -96,7 +96,7 @@ def _find(model: onnx.ModelProto, overrides: dict):
     idx = GraphIndex(model)
     ctx = Context(idx, shapes_mod.infer(model, overrides))
     try:
-        heads, layers = find.find_heads(ctx)
+        heads, layers = find.find_heads(ctx, all_fcs=all_fcs)
     except find.NeedsInputShape as exc:
         derived = shapes_mod.derive_native(model, exc.tensor, exc.k, overrides)
         if derived is None:
@@ -105,7 +105,7 @@ def _find(model: onnx.ModelProto, overrides: dict):
                     ", ".join(f"{n}={','.join(map(str, d))}" for n, d in derived.items() if n not in overrides))
         overrides = derived
         ctx = Context(idx, shapes_mod.infer(model, overrides))
-        heads, layers = find.find_heads(ctx)
+        heads, layers = find.find_heads(ctx, all_fcs=all_fcs)
     return overrides, ctx, heads, layers
 
 
@@ -126,7 +126,8 @@ def _corrupt_strings(fn):
 
 @_corrupt_strings
 def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = False,
-            keep_global_pools: bool = False, dense_stride: int | None = None) -> ConversionResult:
+            keep_global_pools: bool = False, dense_stride: int | None = None,
+            all_fcs: bool = False) -> ConversionResult:
     """Convert every convertible FC head of ``model`` into convolutions.
 
     Args:
@@ -145,10 +146,16 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
             channel context of the whole input (see dense.py).
         dense_stride: dense mode: a finer map of this stride (a divisor of
             the trunk's stride) by the à trous rewrite (see atrous.py).
+        all_fcs: keep mode only: also FCs on plain vectors ``[N, K]``,
+            MatMuls on token sequences ``[N, T, C]`` and Gemms with transA=1
+            become 1x1 Convs between Reshapes/Transposes, for targets that
+            accept only Conv (see rules/vecfc.py).
 
     Raises:
         Fc2ConvError: the model or an option is unusable (the message says why).
     """
+    if all_fcs and dense:
+        raise Fc2ConvError("--all-fcs is for keep mode: an FC on a plain vector has no map to make dense")
     overrides = _overrides(input_shapes)
     loaded = load_mod.load(model)
     # The test suite sets this: a model that strict consumers (onnx's full
@@ -156,14 +163,15 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
     # stay acceptable after conversion; an AssertionError is a bug of ours.
     strict = bool(os.environ.get("ONNX_FC2CONV_STRICT")) and shapes_mod.strict_problem(loaded.model) is None
     original_io = _io_skeleton(loaded.model)
-    overrides, ctx, heads, layers = _find(loaded.model, overrides)
+    overrides, ctx, heads, layers = _find(loaded.model, overrides, all_fcs)
     map_fcs = find.find_map_fcs(ctx, layers)
+    vec_fcs = find.find_vec_fcs(ctx, layers) if all_fcs else []
     if dense and not heads and any(not layer.converted for layer in layers):
         raise Fc2ConvError(_none_converted([layer for layer in layers if not layer.converted]))
     dense_plan = dense_mod.analyse(loaded.model, ctx.shapes, heads, layers, overrides, ctx=ctx,
                                    keep_global_pools=keep_global_pools) if dense and heads else None
     plans = plan_mod.plan_heads(loaded.model, heads, dense_plan, ctx.shapes, fold_batch=fold_batch, idx=ctx.idx,
-                                map_fcs=map_fcs)
+                                map_fcs=map_fcs, vec_fcs=vec_fcs)
     rewrite.apply(loaded.model, plans)
     if dense_plan is not None:
         dense_mod.finish(loaded.model, dense_plan)
@@ -185,12 +193,19 @@ def _none_converted(layers) -> str:
 
 
 @_corrupt_strings
-def inspect(model, input_shapes=None, keep_global_pools: bool = False) -> InspectResult:
-    """List every FC layer: what it consumes and what it would become, or why not."""
+def inspect(model, input_shapes=None, keep_global_pools: bool = False, all_fcs: bool = False) -> InspectResult:
+    """List every FC layer: what it consumes and what it would become, or why
+    not (``all_fcs``: as ``convert(all_fcs=True)`` would; the dense verdict
+    is that of the default)."""
     overrides = _overrides(input_shapes)
     loaded = load_mod.load(model)
     overrides, ctx, heads, layers = _find(loaded.model, overrides)
     find.find_map_fcs(ctx, layers)
+    shown = layers
+    if all_fcs:
+        shown = _find(loaded.model, overrides, True)[3]
+        find.find_map_fcs(ctx, shown)
+        find.find_vec_fcs(ctx, shown)
     geometry, reason = [], None
     if heads:
         try:
@@ -201,7 +216,7 @@ def inspect(model, input_shapes=None, keep_global_pools: bool = False) -> Inspec
             reason = str(exc)
     elif any(not layer.converted for layer in layers):
         reason = _none_converted([layer for layer in layers if not layer.converted])
-    return InspectResult(layers, str(loaded.path) if loaded.path else None, geometry, reason)
+    return InspectResult(shown, str(loaded.path) if loaded.path else None, geometry, reason)
 
 
 @_corrupt_strings

@@ -115,11 +115,13 @@ def item_nodes(item) -> tuple:
     return item.nodes if isinstance(item, FC) else (item.node,)
 
 
-def find_heads(model_or_ctx, shapes: dict[str, TensorInfo] | None = None) -> tuple[list[Head], list[Layer]]:
+def find_heads(model_or_ctx, shapes: dict[str, TensorInfo] | None = None, *,
+               all_fcs: bool = False) -> tuple[list[Head], list[Layer]]:
     """Every FC layer of the model: heads to convert, and a record per FC.
 
     Takes a :class:`rules.Context` (one per conversion), or a model and its
-    shapes."""
+    shapes. ``all_fcs`` (keep mode): an FC on a plain ``[N, K]`` vector is a
+    head too, on that vector seen as a ``[N, K, 1, 1]`` map (rules/vecfc.py)."""
     ctx = model_or_ctx if isinstance(model_or_ctx, Context) else Context(GraphIndex(model_or_ctx), shapes)
     idx = ctx.idx
     heads: list[Head] = []
@@ -140,6 +142,10 @@ def find_heads(model_or_ctx, shapes: dict[str, TensorInfo] | None = None) -> tup
             col = match_collapse(fc.input, ctx)
         except NeedsShape as exc:
             raise NeedsInputShape(_needs_shape_message(idx.model, fc, exc), fc.name, fc.k, exc.tensor) from None
+        if isinstance(col, Refusal) and all_fcs:
+            from .rules.vecfc import vector_collapse
+
+            col = vector_collapse(fc, ctx) or col
         if isinstance(col, Refusal):
             layers.append(Layer(fc.name, fc.op, input_shape=fmt_shape(ctx.shape(fc.input)),
                                 reason=_blocker(ctx, fc.input, stops) or col.reason))
@@ -176,6 +182,30 @@ def find_map_fcs(ctx: Context, layers: list) -> list:
         layer.op, layer.pattern, layer.layout = fc.op, f"map (rank {fc.rank}, features last)", "channels-last"
         layer.converted, layer.reason = True, None
         layer.kernel, layer.in_channels, layer.out_channels = [1] * (fc.rank - 2), fc.k, fc.m
+        found.append(fc)
+    return found
+
+
+def find_vec_fcs(ctx: Context, layers: list) -> list:
+    """``--all-fcs``: MatMuls on token sequences ``[N, T, C]`` and Gemms with
+    transA = 1 (rules/vecfc.py), each a 1x1 Conv between Transposes; their
+    layer records (refused by the head rules) say so."""
+    from .rules.vecfc import match_token_fc, match_trans_a
+
+    found = []
+    by_name = {layer.name: layer for layer in layers if not layer.converted}
+    for node in ctx.idx.graph.node:
+        fc = match_token_fc(node, ctx) or match_trans_a(node, ctx)
+        if fc is None or fc.name not in by_name:
+            continue
+        layer = by_name[fc.name]
+        token = not hasattr(fc, "node")
+        layer.pattern = "tokens (rank 3, features last)" if token else "Gemm transA=1 on a vector"
+        layer.layout = "channels-last" if token else "NC"
+        layer.converted, layer.reason = True, None
+        layer.kernel, layer.in_channels, layer.out_channels = [1] if token else [1, 1], fc.k, fc.m
+        if token:
+            layer.op = fc.op
         found.append(fc)
     return found
 

@@ -47,7 +47,7 @@ class Namer:
 
 
 def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=None,
-               fold_batch: bool = False, idx: GraphIndex | None = None, map_fcs=()) -> list[HeadPlan]:
+               fold_batch: bool = False, idx: GraphIndex | None = None, map_fcs=(), vec_fcs=()) -> list[HeadPlan]:
     """Plans for keep mode, or for dense mode when ``dense`` (a
     ``dense.DensePlan`` for the same heads) is given.
 
@@ -82,6 +82,11 @@ def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, shapes=Non
     for fc in map_fcs:  # FCs over channels-last maps: 1x1 Convs between Transposes
         nodes, inits = mapfc.emit(fc, idx, namer)
         plans.append(HeadPlan(node_key(fc.nodes[0]), tuple(nodes), tuple(inits), frozenset(mapfc.keys(fc))))
+    from .rules import vecfc
+
+    for fc in vec_fcs:  # --all-fcs: token MatMuls (a Conv1d between Transposes), Gemms with transA=1
+        nodes, inits = mapfc.emit(fc, idx, namer) if isinstance(fc, mapfc.MapFC) else vecfc.emit_trans_a(fc, idx, namer)
+        plans.append(HeadPlan(node_key(fc.nodes[0]), tuple(nodes), tuple(inits), frozenset(vecfc.keys(fc))))
     return plans
 
 
