@@ -30,6 +30,7 @@ class ConversionResult:
     input_shapes: dict = field(default_factory=dict)
     geometry: list = field(default_factory=list)   # dense mode: one entry per head
     original_io: onnx.ModelProto | None = None     # the original's inputs, outputs and initializer names
+    probed: dict = field(default_factory=dict)     # shapes read from the onnxruntime probe (probe.py)
 
     @property
     def maps(self) -> list:
@@ -47,7 +48,8 @@ class ConversionResult:
     def to_dict(self) -> dict:
         return {"source": self.source, "mode": "dense" if self.dense else "keep", "heads": self.heads,
                 "fc_layers": len(self.layers), "converted": self.converted,
-                "layers": [layer.to_dict() for layer in self.layers], "geometry": self.geometry}
+                "layers": [layer.to_dict() for layer in self.layers], "geometry": self.geometry,
+                "probed_shapes": self.probed}
 
 
 @dataclass
@@ -56,9 +58,10 @@ class InspectResult:
     source: str | None = None
     geometry: list = field(default_factory=list)   # per head, if the model can be made dense
     dense_reason: str | None = None                # why it cannot, if not
+    probed: dict = field(default_factory=dict)     # shapes read from the onnxruntime probe (probe.py)
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "fc_layers": len(self.layers),
+        return {"source": self.source, "fc_layers": len(self.layers), "probed_shapes": self.probed,
                 "convertible": sum(1 for layer in self.layers if layer.converted),
                 "layers": [layer.to_dict() for layer in self.layers],
                 "dense": {"possible": self.dense_reason is None and bool(self.geometry),
@@ -88,13 +91,18 @@ def _io_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return skeleton
 
 
-def _find(model: onnx.ModelProto, overrides: dict, all_fcs: bool = False):
+def _find(model: onnx.ModelProto, overrides: dict, all_fcs: bool = False, inputs=None):
     """Shapes and heads, and the one Context (graph index + shapes) the rest
     of the conversion reads; where the first FC's map has symbolic spatial
-    dims and no --input-shape was given, the native size is derived from K."""
+    dims and no --input-shape was given, the native size is derived from K.
+    Shapes ONNX inference leaves unknown around the FCs are read from one
+    onnxruntime run (probe.py): ``probed`` says which."""
+    from . import probe
+
     shapes_mod.validate_overrides(model, overrides)
     idx = GraphIndex(model)
     ctx = Context(idx, shapes_mod.infer(model, overrides))
+    probed = probe.fill(model, ctx.shapes, overrides, inputs, idx)
     try:
         heads, layers = find.find_heads(ctx, all_fcs=all_fcs)
     except find.NeedsInputShape as exc:
@@ -105,8 +113,9 @@ def _find(model: onnx.ModelProto, overrides: dict, all_fcs: bool = False):
                     ", ".join(f"{n}={','.join(map(str, d))}" for n, d in derived.items() if n not in overrides))
         overrides = derived
         ctx = Context(idx, shapes_mod.infer(model, overrides))
+        probed = probe.fill(model, ctx.shapes, overrides, inputs, idx)
         heads, layers = find.find_heads(ctx, all_fcs=all_fcs)
-    return overrides, ctx, heads, layers
+    return overrides, ctx, heads, layers, probed
 
 
 def _corrupt_strings(fn):
@@ -127,7 +136,7 @@ def _corrupt_strings(fn):
 @_corrupt_strings
 def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = False,
             keep_global_pools: bool = False, dense_stride: int | None = None,
-            all_fcs: bool = False) -> ConversionResult:
+            all_fcs: bool = False, inputs=None) -> ConversionResult:
     """Convert every convertible FC head of ``model`` into convolutions.
 
     Args:
@@ -150,6 +159,9 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
             MatMuls on token sequences ``[N, T, C]`` and Gemms with transA=1
             become 1x1 Convs between Reshapes/Transposes, for targets that
             accept only Conv (see rules/vecfc.py).
+        inputs: an .npz path or a dict of arrays at the native size: what
+            the runtime probe feeds (probe.py) instead of seeded random
+            inputs, where ONNX inference leaves a needed shape unknown.
 
     Raises:
         Fc2ConvError: the model or an option is unusable (the message says why).
@@ -163,7 +175,7 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
     # stay acceptable after conversion; an AssertionError is a bug of ours.
     strict = bool(os.environ.get("ONNX_FC2CONV_STRICT")) and shapes_mod.strict_problem(loaded.model) is None
     original_io = _io_skeleton(loaded.model)
-    overrides, ctx, heads, layers = _find(loaded.model, overrides, all_fcs)
+    overrides, ctx, heads, layers, probed = _find(loaded.model, overrides, all_fcs, inputs)
     map_fcs = find.find_map_fcs(ctx, layers)
     vec_fcs = find.find_vec_fcs(ctx, layers) if all_fcs else []
     if dense and not heads and any(not layer.converted for layer in layers):
@@ -183,7 +195,12 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
     log.info("converted %d of %d FC layers in %d head(s)", sum(l.converted for l in layers), len(layers), len(heads))
     return ConversionResult(loaded.model, layers, len(heads), dense, str(loaded.path) if loaded.path else None,
                             overrides, fine or ([h.geometry_dict() for h in dense_plan.heads] if dense_plan else []),
-                            original_io)
+                            original_io, _shown(probed))
+
+
+def _shown(probed: dict) -> dict:
+    """Probed shapes for reports: ``{tensor: [dims]}``, a symbolic dim as its name."""
+    return {name: list(shape) for name, shape in probed.items()}
 
 
 def _none_converted(layers) -> str:
@@ -193,17 +210,18 @@ def _none_converted(layers) -> str:
 
 
 @_corrupt_strings
-def inspect(model, input_shapes=None, keep_global_pools: bool = False, all_fcs: bool = False) -> InspectResult:
+def inspect(model, input_shapes=None, keep_global_pools: bool = False, all_fcs: bool = False,
+            inputs=None) -> InspectResult:
     """List every FC layer: what it consumes and what it would become, or why
     not (``all_fcs``: as ``convert(all_fcs=True)`` would; the dense verdict
     is that of the default)."""
     overrides = _overrides(input_shapes)
     loaded = load_mod.load(model)
-    overrides, ctx, heads, layers = _find(loaded.model, overrides)
+    overrides, ctx, heads, layers, probed = _find(loaded.model, overrides, inputs=inputs)
     find.find_map_fcs(ctx, layers)
     shown = layers
     if all_fcs:
-        shown = _find(loaded.model, overrides, True)[3]
+        shown = _find(loaded.model, overrides, True, inputs)[3]
         find.find_map_fcs(ctx, shown)
         find.find_vec_fcs(ctx, shown)
     geometry, reason = [], None
@@ -216,7 +234,7 @@ def inspect(model, input_shapes=None, keep_global_pools: bool = False, all_fcs: 
             reason = str(exc)
     elif any(not layer.converted for layer in layers):
         reason = _none_converted([layer for layer in layers if not layer.converted])
-    return InspectResult(shown, str(loaded.path) if loaded.path else None, geometry, reason)
+    return InspectResult(shown, str(loaded.path) if loaded.path else None, geometry, reason, _shown(probed))
 
 
 @_corrupt_strings

@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--keep-global-pools", action="store_true",
                    help="the dense geometry as convert --dense --keep-global-pools would give it")
     i.add_argument("--all-fcs", action="store_true", help="list the layers as convert --all-fcs would convert them")
+    i.add_argument("--inputs", metavar="FILE.npz", help="inputs at the native size for the run that reads the shapes "
+                                                        "ONNX inference leaves unknown (default: seeded random)")
     k = sub.add_parser("check", parents=[common, shape, tol], help="prove two models equal with onnxruntime",
                        description="Run ORIGINAL and CONVERTED in onnxruntime and compare every output.")
     k._sub = "check"
@@ -183,11 +185,13 @@ def _cmd_convert(args, out) -> int:
         raise Fc2ConvError("--keep-global-pools is for dense mode; add --dense")
     result = api.convert(args.input, dense=args.dense, input_shapes=args.input_shape, fold_batch=args.fold_batch,
                          keep_global_pools=args.keep_global_pools, dense_stride=args.dense_stride,
-                         all_fcs=args.all_fcs)
+                         all_fcs=args.all_fcs, inputs=args.inputs)
     out(_summary(args.input, result.layers, result.heads))
     if result.layers:
         for line in _layer_table(result.layers):
             out(line)
+    if result.probed:
+        out(_probed_line(result.probed))
     if not result.changed:
         out("nothing to convert: the output is the unchanged model")
     payload = {"input": args.input, "output": args.output, "conversion": result.to_dict(), "check": None}
@@ -236,15 +240,24 @@ def _geometry_lines(geometry, prefix: str = "dense") -> list[str]:
     return lines
 
 
+def _probed_line(probed: dict, shown: int = 6) -> str:
+    items = [f"{name} [{','.join(map(str, dims))}]" for name, dims in probed.items()]
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return (f"shapes from one onnxruntime run at the native size (ONNX inference leaves them unknown): "
+            f"{', '.join(items[:shown])}{more}")
+
+
 def _cmd_inspect(args, out) -> int:
     result = api.inspect(args.input, input_shapes=args.input_shape, keep_global_pools=args.keep_global_pools,
-                         all_fcs=args.all_fcs)
+                         all_fcs=args.all_fcs, inputs=args.inputs)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
         return 0
     out(_summary(args.input, result.layers))
     for line in _layer_table(result.layers):
         out(line)
+    if result.probed:
+        out(_probed_line(result.probed))
     for line in _geometry_lines(result.geometry, "with --dense:"):
         out(line)
     if result.dense_reason:

@@ -45,6 +45,18 @@ BROADCAST = frozenset({
     "QuantizeLinear", "DequantizeLinear",
 })
 PER_CHANNEL = frozenset({"BatchNormalization"})
+# onnxruntime's contrib (com.microsoft) QOperator kernels, by what they do to
+# positions (with per-tensor scales and zero points: scalars). Element-wise:
+# the indices of their data inputs (the rest are scales and zero points).
+CONTRIB_POINTWISE = {"QLinearAdd": (0, 3), "QLinearMul": (0, 3), "QLinearLeakyRelu": (0,),
+                     "QLinearSigmoid": (0,)}
+CONTRIB_WINDOWED = frozenset({"QLinearAveragePool"})        # kernel_shape, strides, pads as AveragePool
+CONTRIB_GLOBAL_POOLS = frozenset({"QLinearGlobalAveragePool"})
+
+
+def contrib(node: onnx.NodeProto, table) -> bool:
+    """``node`` is a com.microsoft op in ``table``, on channels-first maps."""
+    return node.domain == "com.microsoft" and node.op_type in table and not int(attr(node, "channels_last", 0))
 WINDOWED = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool", "QLinearConv", "ConvInteger"})
 GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",

@@ -178,8 +178,10 @@ def _plan_head(idx: GraphIndex, namer: Namer, head: Head, kernel_cache: dict, dh
     if dh is not None and dh.pool is not None:
         out = namer(f"{x}_map") if col.unsqueeze else x
         attrs = {"kernel_shape": list(dh.window), "strides": [1] * len(dh.window)}
-        nodes.append(helper.make_node(dh.pool_op, [dh.source], [out], name=dh.pool.name or namer("window_pool"),
-                                      **attrs))
+        if dh.pool.domain == "com.microsoft":  # QLinearGlobalAveragePool: its scales, zero points and domain
+            attrs["domain"] = dh.pool.domain
+        nodes.append(helper.make_node(dh.pool_op, [dh.source] + list(dh.pool.input[1:] if "domain" in attrs else []),
+                                      [out], name=dh.pool.name or namer("window_pool"), **attrs))
         removed.add(node_key(dh.pool))
         x = out
     elif col.unsqueeze:

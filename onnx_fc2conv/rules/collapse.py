@@ -30,7 +30,9 @@ from .steps import AFTER_HEAD, CLASS_AXIS, describe, match_step
 RESHAPE_LIKE = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout"})
 # the windowed pool each whole-map pool becomes in dense mode
 WINDOWED_POOL = {"GlobalAveragePool": "AveragePool", "ReduceMean": "AveragePool", "AveragePool": "AveragePool",
-                 "GlobalMaxPool": "MaxPool", "ReduceMax": "MaxPool", "MaxPool": "MaxPool"}
+                 "GlobalMaxPool": "MaxPool", "ReduceMax": "MaxPool", "MaxPool": "MaxPool",
+                 # onnxruntime's QOperator (com.microsoft): same inputs, scales and zero points
+                 "QLinearGlobalAveragePool": "QLinearAveragePool"}
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ def pooled_map(ctx: Context, node: onnx.NodeProto) -> str | None:
 def head_pool(ctx: Context, node: onnx.NodeProto | None, collapse: Collapse) -> str | None:
     """``"global"`` or ``"covering"`` when ``node`` (the producer of the
     collapse's source) pools the whole map, else None."""
+    if node is not None and ops.contrib(node, ops.CONTRIB_GLOBAL_POOLS):
+        return "global"
     if node is None or not ops.is_default(node):
         return None
     op = node.op_type
