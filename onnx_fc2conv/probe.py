@@ -56,8 +56,11 @@ def fill(model: onnx.ModelProto, shapes: dict, overrides: dict, inputs=None, idx
 
 
 def _unknown(info: TensorInfo | None) -> bool:
-    return info is None or info.shape is None or any(d is None or (isinstance(d, str) and d.startswith("unk__"))
-                                                     for d in info.shape[1:])
+    """Inference gave no shape at all. A shape it knows in part (a rank, a
+    dim it could not compute from a symbolic batch) is left as it is: the
+    probe runs one batch size, and a dim that depends on the batch must stay
+    unknown rather than take that size."""
+    return info is None or info.shape is None
 
 
 def needed(idx: GraphIndex, shapes: dict, fc_inputs, fc_outputs) -> list[str]:
@@ -95,8 +98,9 @@ def probe(model: onnx.ModelProto, shapes: dict, names: list[str], overrides: dic
           seed: int = 0) -> dict[str, tuple]:
     """Run ``model`` once with ``names`` exposed; add their shapes to
     ``shapes`` (in place) and return ``{name: shape}``. Returns ``{}`` when
-    the native size is not fixed. Raises Fc2ConvError when onnxruntime
-    cannot run the model."""
+    the native size is not fixed, or (with a warning) when onnxruntime
+    cannot run the model on seeded inputs; raises Fc2ConvError when it
+    cannot run it on the user's ``inputs``."""
     from .verify import concrete_shapes, load_inputs, random_inputs, session
 
     infos = input_infos(model)
@@ -113,14 +117,19 @@ def probe(model: onnx.ModelProto, shapes: dict, names: list[str], overrides: dic
         feeds = random_inputs(model, concrete_shapes(model, overrides, batch=PROBE_BATCH), seed)
     batch = next((int(feeds[n].shape[0]) for n in batch_syms if n in feeds and feeds[n].ndim), None)
     symbol = next(iter(batch_syms.values()), None)
-    sess = session(_with_outputs(model, names), "cpu", "the model (to read the shapes ONNX inference leaves "
-                                                       "unknown)")
     try:
+        sess = session(_with_outputs(model, names), "cpu", "the model")
         results = sess.run(names, feeds)
     except Exception as exc:  # onnxruntime's words are the reason
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise Fc2ConvError(f"onnxruntime cannot run the model to read the shapes ONNX inference leaves unknown "
-                           f"({', '.join(names[:3])}{'...' if len(names) > 3 else ''}): {first}") from None
+        message = (f"onnxruntime cannot run the model to read the shapes ONNX inference leaves unknown "
+                   f"({', '.join(names[:3])}{'...' if len(names) > 3 else ''}): {first}")
+        if inputs is not None:  # the user's inputs: bad input
+            raise Fc2ConvError(message) from None
+        # seeded inputs at batch 2 that the model does not take: the shapes
+        # stay unknown, and the FCs that need them say so
+        log.warning("%s", message)
+        return {}
     found = {}
     for name, value in zip(names, results):
         value = np.asarray(value)
