@@ -206,3 +206,25 @@ def test_without_fork_nothing_changes():
     model = rnet(outputs=1)
     result = assert_converts(model, convs=2)
     assert [l.pattern for l in result.layers] == ["Transpose+Flatten", "chain"]
+
+
+def test_fork_with_fold_batch():
+    model = rnet(size=22, ceil=0)
+    result = convert(model, fold_batch=True)
+    assert result.converted == 4
+    feeds = feeds_for(model, 3)
+    for e, a in zip(run(model, feeds), run(result.model, feeds)):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(e).max())))
+
+
+def test_fork_dense_stride(tmp_path):
+    """A finer map (à trous) of a forked head: every output, checked."""
+    from onnx_fc2conv.api import check_result
+
+    path = tmp_path / "rnet.onnx"
+    onnx.save(rnet(size=22, ceil=0), path)
+    result = convert(path, dense=True, dense_stride=2)
+    (geo,) = result.maps
+    assert set(geo.outputs) == {"prob", "box", "landmarks"} and geo.axes[0].stride == 2
+    report = check_result(result, dense_stride=2)
+    assert report.ok, "\n".join(report.lines())
