@@ -221,7 +221,7 @@ def inspect(model, input_shapes=None, keep_global_pools: bool = False, all_fcs: 
     find.find_map_fcs(ctx, layers)
     shown = layers
     if all_fcs:
-        shown = _find(loaded.model, overrides, True, inputs)[3]
+        shown = find.find_heads(ctx, all_fcs=True)[1]   # the same shapes, probed ones included
         find.find_map_fcs(ctx, shown)
         find.find_vec_fcs(ctx, shown)
     geometry, reason = [], None
