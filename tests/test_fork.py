@@ -35,8 +35,8 @@ def rnet(size=24, ceil=1, outputs=3, batch="N", seed=0):
         return f"{name}_act"
 
     def pool(x, name):
-        nodes.append(helper.make_node("MaxPool", [x], [f"{name}_out"], name=name, kernel_shape=[3, 3] if ceil else [2, 2],
-                                      strides=[2, 2], ceil_mode=ceil))
+        nodes.append(helper.make_node("MaxPool", [x], [f"{name}_out"], name=name,
+                                      kernel_shape=[3, 3] if ceil else [2, 2], strides=[2, 2], ceil_mode=ceil))
         return f"{name}_out"
 
     h = pool(conv("input", 3, 4, 3, "conv1"), "pool1")

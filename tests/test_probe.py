@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto as T, helper, numpy_helper
 
-from helpers import ops, run
+from helpers import ops
 from onnx_fc2conv import check, convert, inspect
 from onnx_fc2conv.errors import Fc2ConvError
 
