@@ -19,6 +19,9 @@ The facts, by kind:
   default by opset: per position when none of those axes is spatial.
 - ``WINDOWED``: Conv and the pools, whose geometry is composed (geometry.py).
 - ``GLOBAL_POOLS``: pools over the whole map: never per position.
+- ``CONTRIB_*``: onnxruntime's com.microsoft QOperator kernels (QLinearAdd,
+  QLinearAveragePool, QLinearGlobalAveragePool...) sorted the same way; any
+  other custom op is not per position.
 - layout ops (Transpose, Reshape, Squeeze, Unsqueeze, Flatten, Slice, Gather,
   Pad, Shape) are handled by geometry.py, which maps their axes.
 """
@@ -45,6 +48,15 @@ BROADCAST = frozenset({
     "QuantizeLinear", "DequantizeLinear",
 })
 PER_CHANNEL = frozenset({"BatchNormalization"})
+WINDOWED = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool", "QLinearConv", "ConvInteger"})
+GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
+REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
+                     "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"})
+# ops that act along the axes acted_axes() gives, and keep the rank (unless keepdims=0)
+AXIS_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "CumSum", "TopK", "ArgMax",
+                      "ArgMin", "LayerNormalization", "MeanVarianceNormalization", "InstanceNormalization",
+                      "GroupNormalization", "LRN", "Concat", "Split", "MatMul"}) | REDUCES
+
 # onnxruntime's contrib (com.microsoft) QOperator kernels, by what they do to
 # positions (with per-tensor scales and zero points: scalars). Element-wise:
 # the indices of their data inputs (the rest are scales and zero points).
@@ -57,14 +69,6 @@ CONTRIB_GLOBAL_POOLS = frozenset({"QLinearGlobalAveragePool"})
 def contrib(node: onnx.NodeProto, table) -> bool:
     """``node`` is a com.microsoft op in ``table``, on channels-first maps."""
     return node.domain == "com.microsoft" and node.op_type in table and not int(attr(node, "channels_last", 0))
-WINDOWED = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool", "QLinearConv", "ConvInteger"})
-GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
-REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
-                     "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"})
-# ops that act along the axes acted_axes() gives, and keep the rank (unless keepdims=0)
-AXIS_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "CumSum", "TopK", "ArgMax",
-                      "ArgMin", "LayerNormalization", "MeanVarianceNormalization", "InstanceNormalization",
-                      "GroupNormalization", "LRN", "Concat", "Split", "MatMul"}) | REDUCES
 
 
 def norm_axes(axes, rank: int) -> set[int]:

@@ -33,7 +33,7 @@ def _model(nodes, inits, size, m, name):
     return model
 
 
-def resnet_like(size=16, seed=0, concat=False):
+def resnet_like(size=16, seed=0, concat=False, swish=False):
     """conv/relu/maxpool, a residual block (or two branches concatenated),
     GlobalAveragePool, Flatten, Gemm: torchvision's resnet18 in small."""
     rng = np.random.default_rng(seed)
@@ -44,8 +44,14 @@ def resnet_like(size=16, seed=0, concat=False):
     nodes = [conv("input", 3, 8, "c1", strides=[2, 2]), helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
              helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[3, 3], strides=[2, 2],
                               pads=[1, 1, 1, 1]),
-             conv("p1", 8, 8, "c2"), helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-             conv("r2", 8, 8, "c3")]
+             conv("p1", 8, 8, "c2")]
+    if swish:  # x * sigmoid(x), then a LeakyRelu: QLinearSigmoid, QLinearMul, QLinearLeakyRelu once quantized
+        nodes += [helper.make_node("Sigmoid", ["c2"], ["sg"], name="sigmoid"),
+                  helper.make_node("Mul", ["c2", "sg"], ["sw"], name="swish"),
+                  helper.make_node("LeakyRelu", ["sw"], ["r2"], name="leaky", alpha=0.1)]
+    else:
+        nodes.append(helper.make_node("Relu", ["c2"], ["r2"], name="relu2"))
+    nodes.append(conv("r2", 8, 8, "c3"))
     if concat:
         nodes.append(helper.make_node("Concat", ["c3", "p1"], ["s"], name="concat", axis=1))
     else:
@@ -109,8 +115,10 @@ def quantized():
     def get(kind, per_channel):
         if (kind, per_channel) not in cache:
             build, size = {"resnet": (resnet_like, 16), "alexnet": (alexnet_like, 20),
-                           "concat": (lambda: resnet_like(concat=True), 16)}[kind]
-            cache[kind, per_channel] = qoperator(build() if kind == "concat" else build(size), per_channel, size)
+                           "concat": (lambda: resnet_like(concat=True), 16),
+                           "swish": (lambda: resnet_like(swish=True), 16)}[kind]
+            cache[kind, per_channel] = qoperator(build() if kind in ("concat", "swish") else build(size),
+                                                 per_channel, size)
         return cache[kind, per_channel]
     return get
 
@@ -173,6 +181,18 @@ def test_dense_check_fails_a_wrong_window_pool(quantized):
         if a.name == "kernel_shape":
             a.ints[:] = [3, 3]
     assert not check(q, dense, dense=True).ok
+
+
+def test_qlinear_mul_sigmoid_leaky_relu_act_per_position(quantized):
+    q = quantized("swish", True)
+    contrib = {op for domain, op in _domain_ops(q) if domain == "com.microsoft"}
+    assert {"QLinearSigmoid", "QLinearMul", "QLinearLeakyRelu", "QLinearAdd"} <= contrib
+    keep = convert(q)
+    assert keep.converted == 1
+    _assert_passes(q, keep.model)
+    dense = convert(q, dense=True)
+    assert {"QLinearSigmoid", "QLinearMul", "QLinearLeakyRelu"} <= set(ops(dense.model))
+    _assert_passes(q, dense.model, dense=True)
 
 
 def test_qlinear_concat_keep_converts_dense_refused_naming_it(quantized):
