@@ -228,3 +228,31 @@ def test_fork_dense_stride(tmp_path):
     assert set(geo.outputs) == {"prob", "box", "landmarks"} and geo.axes[0].stride == 2
     report = check_result(result, dense_stride=2)
     assert report.ok, "\n".join(report.lines())
+
+
+@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
+def test_quantized_fork_keeps_its_quantization(fmt, tmp_path):
+    """onnxruntime's quantizer on the R-Net-like model: the shared QGemm (or
+    QDQ Gemm) and its three branches convert, in keep and dense mode."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.data = iter([{"input": rng.standard_normal((1, 3, 22, 22)).astype(np.float32)} for _ in range(3)])
+
+        def get_next(self):
+            return next(self.data, None)
+
+    onnx.save(rnet(size=22, ceil=0), tmp_path / "f.onnx")
+    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), Reader(),
+                    quant_format=getattr(QuantFormat, fmt))
+    q = onnx.load(tmp_path / "q.onnx")
+    keep = convert(q)
+    assert [l.pattern for l in keep.layers][1:] == ["branch"] * 3 and all(l.converted for l in keep.layers)
+    assert not {"Gemm", "QGemm"} & set(ops(keep.model))
+    report = check(q, keep.model)
+    assert report.ok, "\n".join(report.lines())
+    dense = convert(q, dense=True)
+    assert len(dense.maps[0].outputs) == 3
+    _dense_ok(q, dense)
