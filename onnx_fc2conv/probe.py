@@ -89,7 +89,7 @@ def needed(idx: GraphIndex, shapes: dict, fc_inputs, fc_outputs) -> list[str]:
     out = []
     for node in idx.graph.node:
         for o in node.output:
-            if o and o in cone and idx.value(o) is None and _unknown(shapes.get(o)):
+            if o and o in cone and _unknown(shapes.get(o)) and idx.value(o) is None:
                 out.append(o)
     return out
 
