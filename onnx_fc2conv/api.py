@@ -30,6 +30,7 @@ class ConversionResult:
     input_shapes: dict = field(default_factory=dict)
     geometry: list = field(default_factory=list)   # dense mode: one entry per head
     original_io: onnx.ModelProto | None = None     # the original's inputs, outputs and initializer names
+    probed: dict = field(default_factory=dict)     # shapes read from the onnxruntime probe (probe.py)
 
     @property
     def maps(self) -> list:
@@ -48,7 +49,8 @@ class ConversionResult:
     def to_dict(self) -> dict:
         return {"source": self.source, "mode": "dense" if self.dense else "keep", "heads": self.heads,
                 "fc_layers": len(self.layers), "converted": self.converted,
-                "layers": [layer.to_dict() for layer in self.layers], "geometry": self.geometry}
+                "layers": [layer.to_dict() for layer in self.layers], "geometry": self.geometry,
+                "probed_shapes": self.probed}
 
 
 @dataclass
@@ -58,9 +60,10 @@ class InspectResult:
     geometry: list = field(default_factory=list)   # per head, if the model can be made dense
     dense_reason: str | None = None                # why it cannot, if not
     heads: list = field(default_factory=list)      # per head, its collapse, FCs and steps in order
+    probed: dict = field(default_factory=dict)     # shapes read from the onnxruntime probe (probe.py)
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "fc_layers": len(self.layers),
+        return {"source": self.source, "fc_layers": len(self.layers), "probed_shapes": self.probed,
                 "convertible": sum(1 for layer in self.layers if layer.converted),
                 "layers": [layer.to_dict() for layer in self.layers], "heads": self.heads,
                 "dense": {"possible": self.dense_reason is None and bool(self.geometry),
@@ -90,15 +93,20 @@ def _io_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return skeleton
 
 
-def _find(model: onnx.ModelProto, overrides: dict):
+def _find(model: onnx.ModelProto, overrides: dict, all_fcs: bool = False, inputs=None):
     """Shapes and heads, and the one Context (graph index + shapes) the rest
     of the conversion reads; where the first FC's map has symbolic spatial
-    dims and no --input-shape was given, the native size is derived from K."""
+    dims and no --input-shape was given, the native size is derived from K.
+    Shapes ONNX inference leaves unknown around the FCs are read from one
+    onnxruntime run (probe.py): ``probed`` says which."""
+    from . import probe
+
     shapes_mod.validate_overrides(model, overrides)
     idx = GraphIndex(model)
     ctx = Context(idx, shapes_mod.infer(model, overrides))
+    probed = probe.fill(model, ctx.shapes, overrides, inputs, idx)
     try:
-        heads, layers = find.find_heads(ctx)
+        heads, layers = find.find_heads(ctx, all_fcs=all_fcs)
     except find.NeedsInputShape as exc:
         derived = shapes_mod.derive_native(model, exc.tensor, exc.k, overrides)
         if derived is None:
@@ -107,8 +115,9 @@ def _find(model: onnx.ModelProto, overrides: dict):
                     ", ".join(f"{n}={','.join(map(str, d))}" for n, d in derived.items() if n not in overrides))
         overrides = derived
         ctx = Context(idx, shapes_mod.infer(model, overrides))
-        heads, layers = find.find_heads(ctx)
-    return overrides, ctx, heads, layers
+        probed = probe.fill(model, ctx.shapes, overrides, inputs, idx)
+        heads, layers = find.find_heads(ctx, all_fcs=all_fcs)
+    return overrides, ctx, heads, layers, probed
 
 
 def _corrupt_strings(fn):
@@ -128,7 +137,8 @@ def _corrupt_strings(fn):
 
 @_corrupt_strings
 def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = False,
-            keep_global_pools: bool = False, dense_stride: int | None = None) -> ConversionResult:
+            keep_global_pools: bool = False, dense_stride: int | None = None,
+            all_fcs: bool = False, inputs=None) -> ConversionResult:
     """Convert every convertible FC head of ``model`` into convolutions.
 
     Args:
@@ -147,10 +157,19 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
             channel context of the whole input (see dense.py).
         dense_stride: dense mode: a finer map of this stride (a divisor of
             the trunk's stride) by the à trous rewrite (see atrous.py).
+        all_fcs: keep mode only: also FCs on plain vectors ``[N, K]``,
+            MatMuls on token sequences ``[N, T, C]`` and Gemms with transA=1
+            become 1x1 Convs between Reshapes/Transposes, for targets that
+            accept only Conv (see rules/vecfc.py).
+        inputs: an .npz path or a dict of arrays at the native size: what
+            the runtime probe feeds (probe.py) instead of seeded random
+            inputs, where ONNX inference leaves a needed shape unknown.
 
     Raises:
         Fc2ConvError: the model or an option is unusable (the message says why).
     """
+    if all_fcs and dense:
+        raise Fc2ConvError("--all-fcs is for keep mode: an FC on a plain vector has no map to make dense")
     overrides = _overrides(input_shapes)
     loaded = load_mod.load(model)
     # The test suite sets this: a model that strict consumers (onnx's full
@@ -158,13 +177,14 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
     # stay acceptable after conversion; an AssertionError is a bug of ours.
     strict = bool(os.environ.get("ONNX_FC2CONV_STRICT")) and shapes_mod.strict_problem(loaded.model) is None
     original_io = _io_skeleton(loaded.model)
-    overrides, ctx, heads, layers = _find(loaded.model, overrides)
+    overrides, ctx, heads, layers, probed = _find(loaded.model, overrides, all_fcs, inputs)
     map_fcs = find.find_map_fcs(ctx, layers)
+    vec_fcs = find.find_vec_fcs(ctx, layers) if all_fcs else []
     if dense and not heads and any(not layer.converted for layer in layers):
         raise Fc2ConvError(_none_converted([layer for layer in layers if not layer.converted]))
     dense_plan = _dense_plan(loaded.model, ctx, heads, layers, overrides, keep_global_pools) if dense else None
     plans = plan_mod.plan_heads(loaded.model, heads, dense_plan, fold_batch=fold_batch, idx=ctx.idx,
-                                map_fcs=map_fcs)
+                                map_fcs=map_fcs, vec_fcs=vec_fcs)
     rewrite.apply(loaded.model, plans, dense_mod.signature(dense_plan) if dense_plan is not None else None)
     maps = atrous.for_convert(loaded.model, dense, _maps(dense_plan), dense_stride)
     if strict:
@@ -172,7 +192,7 @@ def convert(model, dense: bool = False, input_shapes=None, fold_batch: bool = Fa
         assert problem is None, f"the converted model fails onnx's full check or strict inference: {problem}"
     log.info("converted %d of %d FC layers in %d head(s)", sum(l.converted for l in layers), len(layers), len(heads))
     return ConversionResult(loaded.model, layers, len(heads), dense, str(loaded.path) if loaded.path else None,
-                            overrides, [g.to_dict() for g in maps], original_io)
+                            overrides, [g.to_dict() for g in maps], original_io, _shown(probed))
 
 
 def _dense_plan(model, ctx, heads, layers, overrides, keep_global_pools):
@@ -194,6 +214,11 @@ def _maps(dense_plan) -> list:
     return [h.map_geometry() for h in dense_plan.heads] + list(dense_plan.maps)
 
 
+def _shown(probed: dict) -> dict:
+    """Probed shapes for reports: ``{tensor: [dims]}``, a symbolic dim as its name."""
+    return {name: list(shape) for name, shape in probed.items()}
+
+
 def _none_converted(layers) -> str:
     first = layers[0]
     return (f"none of the {len(layers)} FC layer{'s' if len(layers) != 1 else ''} converts (FC {first.name!r}: "
@@ -201,12 +226,20 @@ def _none_converted(layers) -> str:
 
 
 @_corrupt_strings
-def inspect(model, input_shapes=None, keep_global_pools: bool = False) -> InspectResult:
-    """List every FC layer: what it consumes and what it would become, or why not."""
+def inspect(model, input_shapes=None, keep_global_pools: bool = False, all_fcs: bool = False,
+            inputs=None) -> InspectResult:
+    """List every FC layer: what it consumes and what it would become, or why
+    not (``all_fcs``: as ``convert(all_fcs=True)`` would; the dense verdict
+    is that of the default)."""
     overrides = _overrides(input_shapes)
     loaded = load_mod.load(model)
-    overrides, ctx, heads, layers = _find(loaded.model, overrides)
+    overrides, ctx, heads, layers, probed = _find(loaded.model, overrides, inputs=inputs)
     find.find_map_fcs(ctx, layers)
+    shown = layers
+    if all_fcs:
+        shown = find.find_heads(ctx, all_fcs=True)[1]   # the same shapes, probed ones included
+        find.find_map_fcs(ctx, shown)
+        find.find_vec_fcs(ctx, shown)
     geometry, reason = [], None
     if heads or all(layer.converted for layer in layers):
         try:
@@ -216,8 +249,8 @@ def inspect(model, input_shapes=None, keep_global_pools: bool = False) -> Inspec
             reason = str(exc)
     else:
         reason = _none_converted([layer for layer in layers if not layer.converted])
-    return InspectResult(layers, str(loaded.path) if loaded.path else None, geometry, reason,
-                         [_head_line(head) for head in heads])
+    return InspectResult(shown, str(loaded.path) if loaded.path else None, geometry, reason,
+                         [_head_line(head) for head in heads], _shown(probed))
 
 
 def _head_line(head) -> str:

@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep mode: fold the batch into the first Conv's spatial axis so onnxruntime's CPU runs "
                         "the head as one matrix product per batch (use it when serving batches > 1 on the CPU; "
                         "without it the graph is plain Conv + Flatten, the most portable form for compilers)")
+    c.add_argument("--all-fcs", action="store_true",
+                   help="keep mode: also FCs on plain vectors [N,K], token MatMuls [N,T,C] and Gemms with transA=1 "
+                        "become 1x1 Convs (for targets that accept only Conv)")
     c.add_argument("--check", action="store_true", help="prove the output equal with onnxruntime; "
                                                         "a model that fails is not written (exit 1)")
     c.add_argument("--inputs", metavar="FILE.npz", help="inputs for the check instead of seeded random ones")
@@ -78,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--keep-global-pools", action="store_true",
                    help="the dense geometry as convert --dense --keep-global-pools would give it")
+    i.add_argument("--all-fcs", action="store_true", help="list the layers as convert --all-fcs would convert them")
+    i.add_argument("--inputs", metavar="FILE.npz", help="inputs at the native size for the run that reads the shapes "
+                                                        "ONNX inference leaves unknown (default: seeded random)")
     k = sub.add_parser("check", parents=[common, shape, tol], help="prove two models equal with onnxruntime",
                        description="Run ORIGINAL and CONVERTED in onnxruntime and compare every output.")
     k._sub = "check"
@@ -184,11 +190,14 @@ def _cmd_convert(args, out) -> int:
     if args.keep_global_pools and not args.dense:
         raise Fc2ConvError("--keep-global-pools is for dense mode; add --dense")
     result = api.convert(args.input, dense=args.dense, input_shapes=args.input_shape, fold_batch=args.fold_batch,
-                         keep_global_pools=args.keep_global_pools, dense_stride=args.dense_stride)
+                         keep_global_pools=args.keep_global_pools, dense_stride=args.dense_stride,
+                         all_fcs=args.all_fcs, inputs=args.inputs)
     out(_summary(args.input, result.layers, result.heads))
     if result.layers:
         for line in _layer_table(result.layers):
             out(line)
+    if result.probed:
+        out(_probed_line(result.probed))
     if not result.changed:
         out("nothing to convert: the output is the unchanged model")
     payload = {"input": args.input, "output": args.output, "conversion": result.to_dict(), "check": None}
@@ -239,8 +248,16 @@ def _geometry_lines(geometry, prefix: str = "dense") -> list[str]:
     return lines
 
 
+def _probed_line(probed: dict, shown: int = 6) -> str:
+    items = [f"{name} [{','.join(map(str, dims))}]" for name, dims in probed.items()]
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return (f"shapes from one onnxruntime run at the native size (ONNX inference leaves them unknown): "
+            f"{', '.join(items[:shown])}{more}")
+
+
 def _cmd_inspect(args, out) -> int:
-    result = api.inspect(args.input, input_shapes=args.input_shape, keep_global_pools=args.keep_global_pools)
+    result = api.inspect(args.input, input_shapes=args.input_shape, keep_global_pools=args.keep_global_pools,
+                         all_fcs=args.all_fcs, inputs=args.inputs)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
         return 0
@@ -249,6 +266,8 @@ def _cmd_inspect(args, out) -> int:
         out(line)
     for i, line in enumerate(result.heads):
         out(f"head {i}: {line}")
+    if result.probed:
+        out(_probed_line(result.probed))
     for line in _geometry_lines(result.geometry, "with --dense:"):
         out(line)
     if result.dense_reason:

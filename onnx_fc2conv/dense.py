@@ -28,7 +28,7 @@ import onnx
 
 from . import ops
 from .errors import Fc2ConvError
-from .find import Head, Layer
+from .find import Head, Layer, item_nodes
 from .rules import Context, Refusal
 from .rules.collapse import covers, head_pool, pooled_source
 from .rules.steps import Region, match_region, match_step
@@ -258,37 +258,43 @@ def _head_pool(ctx: Context, head: Head):
 
 
 def _tail(ctx: Context, head: Head):
-    """Steps from the head's end to the graph outputs; each must act per
-    position (rules/steps.py, with ops along the class axis)."""
+    """Steps from the head's end (and the end of each of its branches) to the
+    graph outputs; each must act per position (rules/steps.py, with ops along
+    the class axis). A head that forks has the tails of all its branches:
+    each output is a map of the same geometry."""
     idx = ctx.idx
-    tail, outputs, seen, taken = [], [], set(), set()
-    frontier = [head.end]
-    m = head.fcs[-1].m
-    while frontier:
-        t = frontier.pop(0)
-        if t in seen:
-            continue
-        seen.add(t)
-        if t in idx.outputs:
-            outputs.append(t)
-        if t in idx.sub_reads:
-            raise Fc2ConvError(f"the head output {t!r} is read inside a subgraph; the model cannot be made dense")
-        if len(idx.consumers.get(t, ())) > 1:  # per-position ops that meet again (a region)
-            region = match_region(t, m, head.spatial_rank, ctx, input_may_leave=True)
-            if isinstance(region, Region):
-                taken.update(node_key(n) for n in region.nodes)
-                tail.append(region)
-                frontier.append(region.output)
-        for node in idx.consumers.get(t, ()):
-            if node_key(node) in taken:
+    tail, outputs, seen = [], [], set()
+    branches = head.all_branches()
+    # the branches' own nodes are converted with them, not carried as tail steps
+    taken = {node_key(n) for b in branches for it in b.items for n in item_nodes(it)}
+    for end, m in [(head.end, head.fcs[-1].m)] + [(b.end, b.fcs[-1].m) for b in branches]:
+        frontier = [end]
+        while frontier:
+            t = frontier.pop(0)
+            if t in seen:
                 continue
-            step = match_step(node, t, m, head.spatial_rank, ctx, classes=True)
-            if isinstance(step, Refusal):
-                raise Fc2ConvError(f"{node.op_type} {node_label(node)!r} after the head {step.reason}, "
-                                   "so the model cannot be made dense")
-            taken.add(node_key(node))
-            tail.append(step)
-            frontier.extend(o for o in node.output if o)
+            seen.add(t)
+            if t in idx.outputs:
+                outputs.append(t)
+            if t in idx.sub_reads:
+                raise Fc2ConvError(f"the head output {t!r} is read inside a subgraph; the model cannot be made dense")
+            if sum(node_key(n) not in taken for n in idx.consumers.get(t, ())) > 1:
+                # per-position ops that meet again (a region)
+                region = match_region(t, m, head.spatial_rank, ctx, input_may_leave=True)
+                if isinstance(region, Region):
+                    taken.update(node_key(n) for n in region.nodes)
+                    tail.append(region)
+                    frontier.append(region.output)
+            for node in idx.consumers.get(t, ()):
+                if node_key(node) in taken:
+                    continue
+                step = match_step(node, t, m, head.spatial_rank, ctx, classes=True)
+                if isinstance(step, Refusal):
+                    raise Fc2ConvError(f"{node.op_type} {node_label(node)!r} after the head {step.reason}, "
+                                       "so the model cannot be made dense")
+                taken.add(node_key(node))
+                tail.append(step)
+                frontier.extend(o for o in node.output if o)
     if not outputs:
         raise Fc2ConvError(f"the head ending at {head.end!r} reaches no graph output")
     tail.sort(key=lambda st: idx.pos(st.node))

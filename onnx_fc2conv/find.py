@@ -5,6 +5,15 @@ what they match into heads; an FC that cannot be converted becomes a
 A head is a collapse of a spatial feature map (rules/collapse.py), its first
 FC (rules/fc.py), then a chain of FCs and per-position steps
 (rules/steps.py) for as long as each tensor has one consumer.
+
+Where the chain forks (a multi-task head: one shared FC, then a classifier,
+a box regressor and landmarks, as MTCNN's R-Net/O-Net write it), each
+consumer of the shared tensor that leads, through per-position steps, to an
+FC starts a :class:`Branch`: a chain of its own from the shared map, which
+may fork again. Its FCs are 1x1 convolutions like any later FC: on the
+shared ``[N, M]`` vector they see each feature once, as a 1x1 Conv sees each
+channel of the shared ``[N, M, 1, ...]`` map (keep), or of the shared score
+map at every position (dense).
 """
 
 from __future__ import annotations
@@ -23,14 +32,40 @@ from .shapes import TensorInfo
 
 
 @dataclass(frozen=True)
-class Head:
-    collapse: Collapse
-    items: tuple                 # FC and Step, in graph order
-    end: str                     # the original tensor the final Flatten writes
+class Branch:
+    """A chain that starts where a head forks: it reads ``start`` (``[N,
+    m_in]``, the end of the chain it forks from) and ends at ``end``."""
+    start: str
+    m_in: int
+    items: tuple                 # Steps and FCs, in graph order (at least one FC)
+    end: str
+    branches: tuple = ()         # where this branch forks again
 
     @property
     def fcs(self) -> tuple:
         return tuple(i for i in self.items if isinstance(i, FC))
+
+
+@dataclass(frozen=True)
+class Head:
+    collapse: Collapse
+    items: tuple                 # FC and Step, in graph order
+    end: str                     # the original tensor the final Flatten writes
+    branches: tuple = ()         # Branches from ``end`` where the head forks
+
+    @property
+    def fcs(self) -> tuple:
+        """The FCs of the shared chain (not of its branches)."""
+        return tuple(i for i in self.items if isinstance(i, FC))
+
+    def all_branches(self) -> list:
+        """Every Branch, depth first (a branch before those that fork from it)."""
+        out, stack = [], list(reversed(self.branches))
+        while stack:
+            b = stack.pop()
+            out.append(b)
+            stack.extend(reversed(b.branches))
+        return out
 
     @property
     def spatial_rank(self) -> int:
@@ -80,11 +115,13 @@ def item_nodes(item) -> tuple:
     return item.nodes   # an FC's nodes, a Step's one node, a Region's nodes
 
 
-def find_heads(model_or_ctx, shapes: dict[str, TensorInfo] | None = None) -> tuple[list[Head], list[Layer]]:
+def find_heads(model_or_ctx, shapes: dict[str, TensorInfo] | None = None, *,
+               all_fcs: bool = False) -> tuple[list[Head], list[Layer]]:
     """Every FC layer of the model: heads to convert, and a record per FC.
 
     Takes a :class:`rules.Context` (one per conversion), or a model and its
-    shapes."""
+    shapes. ``all_fcs`` (keep mode): an FC on a plain ``[N, K]`` vector is a
+    head too, on that vector seen as a ``[N, K, 1, 1]`` map (rules/vecfc.py)."""
     ctx = model_or_ctx if isinstance(model_or_ctx, Context) else Context(GraphIndex(model_or_ctx), shapes)
     idx = ctx.idx
     heads: list[Head] = []
@@ -105,6 +142,10 @@ def find_heads(model_or_ctx, shapes: dict[str, TensorInfo] | None = None) -> tup
             col = match_collapse(fc.input, ctx)
         except NeedsShape as exc:
             raise NeedsInputShape(_needs_shape_message(idx.model, fc, exc), fc.name, fc.k, exc.tensor) from None
+        if isinstance(col, Refusal) and all_fcs:
+            from .rules.vecfc import vector_collapse
+
+            col = vector_collapse(fc, ctx) or col
         if isinstance(col, Refusal):
             layers.append(Layer(fc.name, fc.op, input_shape=fmt_shape(ctx.shape(fc.input)),
                                 reason=_blocker(ctx, fc.input, stops) or col.reason))
@@ -118,10 +159,11 @@ def find_heads(model_or_ctx, shapes: dict[str, TensorInfo] | None = None) -> tup
         shape = fmt_shape(ctx.shape(col.source)) + [1] * col.unsqueeze
         layers.append(Layer(fc.name, fc.op, col.pattern, shape, col.layout, True, None,
                             list(col.feature_shape[1:]), col.feature_shape[0], fc.m, head_no, _conv_op(fc)))
-        items, t = _chain(ctx, fc, len(col.feature_shape) - 1, head_no, layers, stops)
-        for it in items:
+        items, t, branches = _chain(ctx, fc, len(col.feature_shape) - 1, head_no, layers, stops)
+        head = Head(col, tuple(items), t, branches)
+        for it in list(items) + [it for b in head.all_branches() for it in b.items]:
             claimed.update(node_key(n) for n in item_nodes(it))
-        heads.append(Head(col, tuple(items), t))
+        heads.append(head)
     return heads, layers
 
 
@@ -144,6 +186,30 @@ def find_map_fcs(ctx: Context, layers: list) -> list:
     return found
 
 
+def find_vec_fcs(ctx: Context, layers: list) -> list:
+    """``--all-fcs``: MatMuls on token sequences ``[N, T, C]`` and Gemms with
+    transA = 1 (rules/vecfc.py), each a 1x1 Conv between Transposes; their
+    layer records (refused by the head rules) say so."""
+    from .rules.vecfc import match_token_fc, match_trans_a
+
+    found = []
+    by_name = {layer.name: layer for layer in layers if not layer.converted}
+    for node in ctx.idx.graph.node:
+        fc = match_token_fc(node, ctx) or match_trans_a(node, ctx)
+        if fc is None or fc.name not in by_name:
+            continue
+        layer = by_name[fc.name]
+        token = not hasattr(fc, "node")
+        layer.pattern = "tokens (rank 3, features last)" if token else "Gemm transA=1 on a vector"
+        layer.layout = "channels-last" if token else "NC"
+        layer.converted, layer.reason = True, None
+        layer.kernel, layer.in_channels, layer.out_channels = [1] if token else [1, 1], fc.k, fc.m
+        if token:
+            layer.op = fc.op
+        found.append(fc)
+    return found
+
+
 def _conv_op(fc: FC) -> str:
     quant = getattr(fc, "quant", None)
     if quant is None:
@@ -154,10 +220,17 @@ def _conv_op(fc: FC) -> str:
 
 def _chain(ctx: Context, fc: FC, spatial: int, head_no: int, layers: list, stops: dict):
     """The FCs and steps after a head's first FC, for as long as each tensor
-    has one consumer; records where and why it stopped."""
+    has one consumer, and the branches where it forks: (items, end, branches).
+    Records where and why it stopped."""
+    items, t, m = _follow(ctx, [fc], fc.output, fc.m, spatial, head_no, layers, stops)
+    return items, t, _fork(ctx, t, m, spatial, head_no, layers, stops)
+
+
+def _follow(ctx: Context, items: list, t: str, m: int, spatial: int, head_no: int, layers: list, stops: dict):
+    """Extend ``items`` (ending in ``t`` of ``m`` features) along single
+    consumers: (items, end tensor, its features)."""
     idx = ctx.idx
-    items: list = [fc]
-    t, m = fc.output, fc.m
+    last = next(i for i in reversed(items) if isinstance(i, FC))
     while True:
         nxt = idx.only_consumer(t)
         if nxt is None or t in idx.outputs:
@@ -168,29 +241,81 @@ def _chain(ctx: Context, fc: FC, spatial: int, head_no: int, layers: list, stops
                 t = region.output
                 continue
             if isinstance(region, Refusal) and region.node is not None and match_fc(region.node, ctx) is None:
-                stops[t] = (fc.name, region)
+                stops[t] = (last.name, region)
             break
         nfc = match_fc(nxt, ctx)
         if isinstance(nfc, FC) and nfc.input == t:
-            if nfc.k != m:
-                raise Fc2ConvError(f"FC {nfc.name!r} has weight K={nfc.k}, but its input {t!r} has {m} features: "
-                                   "the model is inconsistent")
-            layers.append(Layer(nfc.name, nfc.op, "chain", [fmt_shape(ctx.shape(t))[0] if ctx.shape(t) else "?", m],
-                                "-", True, None, [1] * spatial, m, nfc.m, head_no, _conv_op(nfc)))
+            _add_layer(ctx, nfc, t, m, spatial, head_no, layers, "chain")
             items.append(nfc)
-            t, m = nfc.output, nfc.m
+            t, m, last = nfc.output, nfc.m, nfc
             continue
         if nfc is not None:
             break
         step = match_step(nxt, t, m, spatial, ctx, classes=True)
         if isinstance(step, Refusal):
-            stops[t] = (fc.name, step)
+            stops[t] = (last.name, step)
             break
         if step.class_axis and nxt.op_type in AFTER_HEAD:
             break
         items.append(step)
         t = nxt.output[0]
-    return items, t
+    return items, t, m
+
+
+def _add_layer(ctx: Context, fc: FC, t: str, m: int, spatial: int, head_no: int, layers: list, pattern: str):
+    if fc.k != m:
+        raise Fc2ConvError(f"FC {fc.name!r} has weight K={fc.k}, but its input {t!r} has {m} features: "
+                           "the model is inconsistent")
+    layers.append(Layer(fc.name, fc.op, pattern, [fmt_shape(ctx.shape(t))[0] if ctx.shape(t) else "?", m],
+                        "-", True, None, [1] * spatial, m, fc.m, head_no, _conv_op(fc)))
+
+
+def _fork(ctx: Context, t: str, m: int, spatial: int, head_no: int, layers: list, stops: dict,
+          depth: int = 0) -> tuple:
+    """Branches from ``t`` where it has several consumers (or is a graph
+    output and feeds more): each consumer that reaches an FC through
+    per-position steps starts one. The other consumers keep reading ``t``."""
+    idx = ctx.idx
+    consumers = idx.consumers.get(t, ())
+    if depth > 16 or not consumers or (len(consumers) < 2 and t not in idx.outputs) or t in idx.sub_reads:
+        return ()
+    branches, seen = [], set()
+    for node in consumers:
+        if node_key(node) in seen:
+            continue
+        seen.add(node_key(node))
+        pre = _to_fc(ctx, node, t, m, spatial)
+        if pre is None:
+            continue
+        steps, fc = pre
+        _add_layer(ctx, fc, fc.input, m, spatial, head_no, layers, "branch")
+        items, end, m_end = _follow(ctx, steps + [fc], fc.output, fc.m, spatial, head_no, layers, stops)
+        sub = _fork(ctx, end, m_end, spatial, head_no, layers, stops, depth + 1)
+        branches.append(Branch(t, m, tuple(items), end, sub))
+    return tuple(branches)
+
+
+def _to_fc(ctx: Context, node, t: str, m: int, spatial: int, limit: int = 32):
+    """(leading Steps, FC) when ``node`` (reading ``t``) reaches an FC through
+    per-position steps, each the only consumer of the one before; else None.
+    Matching only: nothing is recorded."""
+    idx = ctx.idx
+    steps = []
+    for _ in range(limit):
+        fc = match_fc(node, ctx)
+        if isinstance(fc, FC) and fc.input == t:
+            return steps, fc
+        if fc is not None:
+            return None
+        step = match_step(node, t, m, spatial, ctx, classes=True)
+        if isinstance(step, Refusal) or (step.class_axis and node.op_type in AFTER_HEAD):
+            return None
+        steps.append(step)
+        t = node.output[0]
+        node = idx.only_consumer(t)
+        if node is None or t in idx.outputs:
+            return None
+    return None
 
 
 def _blocker(ctx: Context, tensor: str, stops: dict, depth: int = 8) -> str | None:

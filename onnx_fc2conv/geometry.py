@@ -301,6 +301,13 @@ class _Pass:
     # -- one node -----------------------------------------------------------
     def node(self, node, ins) -> list:
         op = node.op_type
+        if ops.contrib(node, ops.CONTRIB_POINTWISE):   # onnxruntime's QLinearAdd, QLinearSigmoid...
+            data = ops.CONTRIB_POINTWISE[op]
+            return [self.join(node, [g if i in data else {} for i, g in enumerate(ins)])]
+        if ops.contrib(node, ops.CONTRIB_WINDOWED):
+            return [self.windowed(node, ins[0])]
+        if ops.contrib(node, ops.CONTRIB_GLOBAL_POOLS):
+            return [self.global_pool(node, ins[0])]
         if not ops.is_default(node):
             self.refuse(node, f"is a custom op ({node.domain}:{op}) not known to act per position")
         if op in ops.POINTWISE:

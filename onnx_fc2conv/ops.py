@@ -19,6 +19,9 @@ The facts, by kind:
   default by opset: per position when none of those axes is spatial.
 - ``WINDOWED``: Conv and the pools, whose geometry is composed (geometry.py).
 - ``GLOBAL_POOLS``: pools over the whole map: never per position.
+- ``CONTRIB_*``: onnxruntime's com.microsoft QOperator kernels (QLinearAdd,
+  QLinearAveragePool, QLinearGlobalAveragePool...) sorted the same way; any
+  other custom op is not per position.
 - layout ops (Transpose, Reshape, Squeeze, Unsqueeze, Flatten, Slice, Gather,
   Pad, Shape) are handled by geometry.py, which maps their axes.
 - the rest of what the rules ask of an op by name: which reshapes a collapse
@@ -88,6 +91,19 @@ AXIS_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "Cu
                       "ArgMin", "LayerNormalization", "MeanVarianceNormalization", "InstanceNormalization",
                       "GroupNormalization", "LRN", "Concat", "Split", "MatMul"}) | REDUCES
 
+# onnxruntime's contrib (com.microsoft) QOperator kernels, by what they do to
+# positions (with per-tensor scales and zero points: scalars). Element-wise:
+# the indices of their data inputs (the rest are scales and zero points).
+CONTRIB_POINTWISE = {"QLinearAdd": (0, 3), "QLinearMul": (0, 3), "QLinearLeakyRelu": (0,),
+                     "QLinearSigmoid": (0,)}
+CONTRIB_WINDOWED = frozenset({"QLinearAveragePool"})        # kernel_shape, strides, pads as AveragePool
+CONTRIB_GLOBAL_POOLS = frozenset({"QLinearGlobalAveragePool"})
+
+
+def contrib(node: onnx.NodeProto, table) -> bool:
+    """``node`` is a com.microsoft op in ``table``, on channels-first maps."""
+    return node.domain == "com.microsoft" and node.op_type in table and not int(attr(node, "channels_last", 0))
+
 
 # reshapes that keep row-major order: a collapse may hold any chain of them
 RESHAPE_LIKE = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout"})
@@ -107,8 +123,12 @@ AFTER_HEAD = frozenset({"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin"})
 # ops that act from their axis to the last one at every opset
 CLASS_LAST = frozenset({"LayerNormalization"})
 # the windowed pool each whole-map pool becomes in dense mode
+# ops that may be an FC (the probe reads the shapes around them)
+FC_OPS = frozenset({"Gemm", "MatMul", "QGemm", "QLinearMatMul", "MatMulInteger"})
 WINDOWED_POOL = {"GlobalAveragePool": "AveragePool", "ReduceMean": "AveragePool", "AveragePool": "AveragePool",
-                 "GlobalMaxPool": "MaxPool", "ReduceMax": "MaxPool", "MaxPool": "MaxPool"}
+                 "GlobalMaxPool": "MaxPool", "ReduceMax": "MaxPool", "MaxPool": "MaxPool",
+                 # onnxruntime's QOperator (com.microsoft): same inputs, scales and zero points
+                 "QLinearGlobalAveragePool": "QLinearAveragePool"}
 # Ops whose output is a pure function of their inputs and attributes: a node
 # of these with constant inputs is a constant expression we may evaluate.
 # DequantizeLinear is not one of them: an integer weight is read as integers

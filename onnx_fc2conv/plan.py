@@ -60,7 +60,7 @@ class Namer:
 
 
 def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, *, fold_batch: bool = False,
-               idx: GraphIndex | None = None, map_fcs=()) -> list[HeadPlan]:
+               idx: GraphIndex | None = None, map_fcs=(), vec_fcs=()) -> list[HeadPlan]:
     """Plans for keep mode, or for dense mode when ``dense`` (a
     ``dense.DensePlan`` for the same heads) is given.
 
@@ -71,6 +71,8 @@ def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, *, fold_ba
     on ``[1,M,N,1]`` and is turned back into ``[N,M]`` at the end."""
     idx = idx or GraphIndex(model)
     namer = Namer(model.graph)
+    pairs = _with_branches(heads, dense)
+    heads = [h for h, _ in pairs]
     kernel_cache: dict[tuple, str] = {}
     for name, key in _reusable_weights(model, idx, heads).items():
         kernel_cache[key] = name
@@ -83,8 +85,8 @@ def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, *, fold_ba
     pin = idx.opset >= 5 and any(info.shape is None or not all(isinstance(d, int) for d in info.shape[1:])
                                  for info in input_infos(model).values())
     plans = []
-    for i, head in enumerate(heads):
-        plans.append(_plan_head(idx, namer, head, kernel_cache, dense.heads[i] if dense else None,
+    for head, dh in pairs:
+        plans.append(_plan_head(idx, namer, head, kernel_cache, dh,
                                 fold_batch and dense is None and idx.opset >= 5, pin))
     if dense is not None:
         plans.extend(plan_trunk_fixes(idx, namer, dense))
@@ -93,7 +95,36 @@ def plan_heads(model: onnx.ModelProto, heads: list[Head], dense=None, *, fold_ba
     for fc in map_fcs:  # FCs over channels-last maps: 1x1 Convs between Transposes
         nodes, inits = mapfc.emit(fc, idx, namer)
         plans.append(HeadPlan(node_key(fc.nodes[0]), tuple(nodes), tuple(inits), frozenset(mapfc.keys(fc))))
+    from .rules import vecfc
+
+    for fc in vec_fcs:  # --all-fcs: token MatMuls (a Conv1d between Transposes), Gemms with transA=1
+        nodes, inits = mapfc.emit(fc, idx, namer) if isinstance(fc, mapfc.MapFC) else vecfc.emit_trans_a(fc, idx, namer)
+        plans.append(HeadPlan(node_key(fc.nodes[0]), tuple(nodes), tuple(inits), frozenset(vecfc.keys(fc))))
     return plans
+
+
+def _with_branches(heads: list[Head], dense) -> list[tuple]:
+    """(head, its DenseHead or None) for every head, each followed by its
+    branches (find.Branch) as heads of their own whose map is the shared
+    one: in keep mode the shared ``[N, M]`` vector unsqueezed to ``[N, M,
+    1, ...]``, in dense mode the shared score map itself (its original name).
+    A branch's DenseHead pools nothing and has no tail: its head's has the
+    tails and outputs of all its branches (dense.py)."""
+    from dataclasses import replace
+
+    from .rules.collapse import Collapse
+
+    pairs = []
+    for i, head in enumerate(heads):
+        dh = dense.heads[i] if dense is not None else None
+        pairs.append((head, dh))
+        s = head.spatial_rank
+        for b in head.all_branches():
+            col = Collapse(b.start, tuple(range(2 + s)), (b.m_in,) + (1,) * s, (), "fork", "NC",
+                           0 if dh is not None else s)
+            bdh = replace(dh, pool=None, pool_op=None, tail=(), segment_pools=(), segment_views=()) if dh else None
+            pairs.append((Head(col, b.items, b.end), bdh))
+    return pairs
 
 
 def plan_trunk_fixes(idx: GraphIndex, namer: Namer, dense) -> list[HeadPlan]:
@@ -187,12 +218,15 @@ def _map_source(idx: GraphIndex, namer: Namer, head: Head, dh, out: _Out) -> str
     if dh is not None and dh.pool is not None:
         y = namer(f"{x}_map") if col.unsqueeze else x
         attrs = {"kernel_shape": list(dh.window), "strides": [1] * len(dh.window)}
-        source = dh.source
+        source, extra = dh.source, []
         if dh.source_perm:  # a channels-last map pooled in place: channels first for the pool
             source = namer(f"{dh.source}_channels_first")
             out.nodes.append(helper.make_node("Transpose", [dh.source], [source],
                                               name=namer(f"{dh.source}_to_channels_first"), perm=list(dh.source_perm)))
-        out.nodes.append(helper.make_node(dh.pool_op, [source], [y], name=dh.pool.name or namer("window_pool"),
+        if dh.pool.domain == "com.microsoft":  # QLinearGlobalAveragePool: its scales, zero points and domain
+            attrs["domain"] = dh.pool.domain
+            extra = list(dh.pool.input[1:])
+        out.nodes.append(helper.make_node(dh.pool_op, [source] + extra, [y], name=dh.pool.name or namer("window_pool"),
                                           **attrs))
         out.removed.add(node_key(dh.pool))
         x = y

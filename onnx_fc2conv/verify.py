@@ -145,6 +145,8 @@ def session(model_or_path, provider: str = "cpu", what: str = "the model"):
             src = str(save(model_or_path, Path(tmpdir.name) / "model.onnx", external_data=True)[0])
         else:
             src = (materialized(model_or_path) if has_external(model_or_path) else model_or_path).SerializeToString()
+    elif isinstance(model_or_path, bytes):  # a serialized model (probe.py)
+        src = model_or_path
     else:
         src = str(model_or_path)
     # TF32 would round Conv and Gemm inputs to 10-bit mantissas on recent

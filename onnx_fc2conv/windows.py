@@ -111,6 +111,9 @@ def check_dense(original: onnx.ModelProto, converted, *, provider="cpu", atol=No
                 input_shapes=None, seed: int = 0, batch: int = 2) -> CheckReport:
     overrides = input_shapes or {}
     infos = shapes_mod.infer(original, overrides)
+    from .probe import fill  # shapes ONNX inference leaves unknown, as convert read them
+
+    fill(original, infos, overrides)
     heads, layers = find.find_heads(original, infos)
     if not heads:  # nothing was made dense: the models must simply be equal
         from .load import load

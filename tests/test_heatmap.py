@@ -452,12 +452,7 @@ def expected_maps(kind, model, x):
             for o, v in zip(sess.get_outputs(), sess.run(None, {"x": crops}))}
 
 
-FORKED_PENDING = pytest.mark.xfail(strict=True, reason="dense mode for FC heads that fork after a shared FC is "
-                                   "built on another branch (issue 19's 'heads' work); remove this mark when it "
-                                   "lands (strict: an unexpected pass fails the suite)")
-
-
-@pytest.mark.parametrize("kind", ["two FC heads", "fcn", pytest.param("forked heads", marks=FORKED_PENDING)])
+@pytest.mark.parametrize("kind", ["two FC heads", "fcn", "forked heads"])
 def test_several_outputs_draw_the_probabilities_and_keep_every_map(kind, tmp_path, capsys):
     build = {"two FC heads": two_head_classifier, "fcn": two_output_fcn, "forked heads": forked_head_classifier}
     model = build[kind](tmp_path / "m.onnx")

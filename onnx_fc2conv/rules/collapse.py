@@ -152,6 +152,8 @@ def spatial_axes(ctx: Context, tensor: str, limit: int = 64) -> set | None:
 def head_pool(ctx: Context, node: onnx.NodeProto | None, collapse: Collapse) -> str | None:
     """``"global"`` or ``"covering"`` when ``node`` (the producer of the
     collapse's source) pools the whole map, else None."""
+    if node is not None and ops.contrib(node, ops.CONTRIB_GLOBAL_POOLS):
+        return "global"
     if node is None or not ops.is_default(node):
         return None
     op = node.op_type
