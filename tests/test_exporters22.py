@@ -77,8 +77,8 @@ def regions(model) -> list[list[str]]:
         seen, todo = {}, list(consumers.get(fc.output[0], []))
         while todo:                        # everything downstream of the FC up to the next FC
             n = todo.pop()
-            if id(n) in seen or id(n) in fcs or n.op_type in ("Softmax", "Sigmoid") and not any(
-                    c for o in n.output for c in consumers.get(o, [])):
+            last = not any(consumers.get(o) for o in n.output)
+            if id(n) in seen or id(n) in fcs or (last and n.op_type in ("Softmax", "Sigmoid")):
                 continue                   # a final Softmax/Sigmoid on an output is a plain step, not a region
             seen[id(n)] = n
             todo += [c for o in n.output for c in consumers.get(o, [])]
