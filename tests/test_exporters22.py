@@ -42,6 +42,7 @@ ROWS = {
     "mtcnn_rnet_ts.onnx": ("forking head", "dense"),
     "mtcnn_rnet_dynamo.onnx": ("forking head", "dense"),
     "mtcnn_onet_ts.onnx": ("forking head", "dense"),
+    "mtcnn_rnet_tf2onnx.onnx": ("forking head (after a PReLU region: Relu, Neg, Relu, Mul, Add)", "dense"),
 }
 # MTCNN's P-Net has no FC (issue 19's fully convolutional model with a fixed input)
 NO_FC = {"mtcnn_pnet_ts.onnx", "mtcnn_pnet_dynamo.onnx"}
@@ -73,8 +74,13 @@ def regions(model) -> list[list[str]]:
     fcs = {id(n) for n in fc_nodes(model)}
     order = {id(n): k for k, n in enumerate(g.node)}
     found = []
+    inits = {t.name for t in g.initializer}
     for fc in fc_nodes(model):
-        seen, todo = {}, list(consumers.get(fc.output[0], []))
+        out = fc.output[0]
+        after = consumers.get(out, [])
+        if fc.op_type == "MatMul" and len(after) == 1 and after[0].op_type == "Add" and set(after[0].input) & inits:
+            out = after[0].output[0]       # MatMul + Add (the bias) is the FC
+        seen, todo = {}, list(consumers.get(out, []))
         while todo:                        # everything downstream of the FC up to the next FC
             n = todo.pop()
             last = not any(consumers.get(o) for o in n.output)
@@ -168,7 +174,7 @@ def test_mobilenet_v3_se_trunk_needs_keep_global_pools():
         convert(FIXTURES / "mobilenet_v3_small_w025_op13_ts.onnx", dense=True)
 
 
-@pytest.mark.parametrize("name", ["mtcnn_rnet_ts.onnx", "mtcnn_rnet_dynamo.onnx", "mtcnn_onet_ts.onnx"])
+@pytest.mark.parametrize("name", sorted(n for n in ROWS if n.startswith("mtcnn_")))
 def test_a_forking_head_gives_every_output_a_map_of_one_geometry(name):
     outputs = [o.name for o in load(name).graph.output]
     try:
