@@ -30,6 +30,7 @@ ROWS = {
     "silu_mlp_dynamo.onnx": ("SiLU between FCs", "dense"),
     "mish_mlp_ts.onnx": ("Mish between FCs", "dense"),
     "act_chain_ts.onnx": ("GELU, Mish between FCs, SiLU after the last", "dense"),
+    "rmsnorm_mlp_dynamo.onnx": ("RMSNorm between FCs", "dense"),
     "mobilenet_v3_small_w025_op13_ts.onnx": ("Hardswish as x*HardSigmoid(x)", "dense, keep global pools"),
     "kws_ln_mlp_op16_ts.onnx": ("LayerNorm decomposed between FCs", "dense"),
     "nhwc_mean_cast_ts.onnx": ("NHWC ReduceMean(axes=[1,2], keepdims=0), Casts around", "dense"),
