@@ -1,5 +1,5 @@
 """Models written by real exporters (tests/fixtures, made by
-tools/export_fixtures.py): every FC converts, the original and the converted
+tools/fixtures/): every FC converts, the original and the converted
 model agree in onnxruntime, the I/O signature is unchanged; dense mode holds
 where it applies and is refused, naming the node, where the trunk mixes
 positions."""

@@ -4,7 +4,7 @@ DequantizeLinear -> Conv / QLinearConv / ConvInteger, and match onnxruntime
 on the original quantized model within one quantization step (verify.py).
 
 The fixtures in tests/fixtures/quantized/ are onnxruntime.quantization's own
-output (tools/make_quantized.py); the tiny graphs below are written in ONNX
+output (tools/fixtures/ort_quantizer.py); the tiny graphs below are written in ONNX
 text for what the quantizer does not emit (opsets 19 and 21, transB=0,
 uint8 weights, refusals)."""
 
