@@ -61,6 +61,9 @@ class DenseHead:
     # a channels-last source pooled in place (an NHWC trunk's ReduceMean over
     # its spatial axes): the permutation that makes it [N, C, *S], else None
     source_perm: tuple | None = None
+    # the windowed pool runs in float32 between Casts: onnxruntime's CPU has no
+    # double AveragePool (open_nsfw casts its map to double around its mean)
+    pool_in_float: bool = False
 
     @property
     def source_axes(self) -> tuple:
@@ -133,8 +136,12 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, TensorInfo], heads: list[H
                                    "the model cannot be made dense")
             axes.append(geo[axis])
         tail, outputs = _tail(ctx, head)
+        in_float = pool_op == "AveragePool" and ctx.shapes.get(source) is not None \
+            and ctx.shapes[source].elem_type == onnx.TensorProto.DOUBLE
+        if in_float:
+            log.info("dense: the window mean of %r runs in float32 (onnxruntime has no double AveragePool)", source)
         dh = DenseHead(head, source, window, pool, pool_op, tuple(tail), tuple(outputs), tuple(axes), segment, views,
-                       perm)
+                       perm, in_float)
         out.heads.append(dh)
         for a in dh.geometry:
             out.image_inputs.setdefault(a.input, set()).add(a.input_axis)

@@ -226,8 +226,17 @@ def _map_source(idx: GraphIndex, namer: Namer, head: Head, dh, out: _Out) -> str
         if dh.pool.domain == "com.microsoft":  # QLinearGlobalAveragePool: its scales, zero points and domain
             attrs["domain"] = dh.pool.domain
             extra = list(dh.pool.input[1:])
-        out.nodes.append(helper.make_node(dh.pool_op, [source] + extra, [y], name=dh.pool.name or namer("window_pool"),
-                                          **attrs))
+        pooled = y
+        if dh.pool_in_float:
+            cast = namer(f"{source}_float")
+            out.nodes.append(helper.make_node("Cast", [source], [cast], name=namer(f"{source}_to_float"),
+                                              to=onnx.TensorProto.FLOAT))
+            source, pooled = cast, namer(f"{y}_float")
+        out.nodes.append(helper.make_node(dh.pool_op, [source] + extra, [pooled],
+                                          name=dh.pool.name or namer("window_pool"), **attrs))
+        if dh.pool_in_float:
+            out.nodes.append(helper.make_node("Cast", [pooled], [y], name=namer(f"{y}_to_double"),
+                                              to=onnx.TensorProto.DOUBLE))
         out.removed.add(node_key(dh.pool))
         x = y
     elif col.unsqueeze:
