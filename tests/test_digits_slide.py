@@ -99,7 +99,7 @@ def test_the_dense_map_names_each_digit_at_its_recorded_place(written, tmp_path)
     png = tmp_path / "level0.png"
     PILImage.fromarray(tifffile.imread(out)).save(png)
     hm = heatmap(ROOT / "models" / "digits.onnx", png, scale=record["scale"])
-    assert [a["stride"] for a in hm.axes] == [2, 2]
+    assert [a.stride for a in hm.axes] == [2, 2]
     digits = np.array(record["digits"])
     at = hm.scores[:, digits[:, 0] // 2, digits[:, 1] // 2]  # the window whose corner is the digit's
     accuracy = float((at.argmax(0) == digits[:, 2]).mean())
