@@ -1,7 +1,7 @@
 """Quantized FCs (quant.py, rules/fc.py): QDQ, QOperator and dynamic
 quantization keep their integer weights as integer initializers, convert to
 DequantizeLinear -> Conv / QLinearConv / ConvInteger, and match onnxruntime
-on the original quantized model within one quantization step (verify.py).
+on the original quantized model within one quantization step (check/compare.py).
 
 The fixtures in tests/fixtures/quantized/ are onnxruntime.quantization's own
 output (tools/make_quantized.py); the tiny graphs below are written in ONNX
@@ -23,7 +23,7 @@ from onnx_fc2conv.graph import GraphIndex
 from onnx_fc2conv.rules import Context
 from onnx_fc2conv.rules.steps import Step, match_step
 from onnx_fc2conv.shapes import infer
-from onnx_fc2conv.verify import compare, quant_steps
+from onnx_fc2conv.check.compare import compare, quant_steps
 
 FIXTURES = sorted((Path(__file__).parent / "fixtures" / "quantized").glob("*.onnx"))
 FC_OPS = {"Gemm", "MatMul", "QGemm", "QLinearMatMul", "MatMulInteger"}
