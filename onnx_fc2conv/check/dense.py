@@ -153,7 +153,7 @@ def check_dense(original, converted, *, provider="cpu", atol=None, rtol=None, in
     with _Step("session"):
         s_orig = runner.session(parts["original"], "the original model")
     try:
-        s_dense = runner.session(converted, "the dense model")
+        s_dense = runner.session(converted, "the dense model", reuse=True)
     except Fc2ConvError as exc:
         return CheckReport(False, provider, 0, native_shapes, [], [str(exc)], "dense")
     _native(facts, s_orig, s_dense, native_shapes, seed, parts["original"].model, found, errors)
@@ -171,7 +171,7 @@ def check_dense(original, converted, *, provider="cpu", atol=None, rtol=None, in
                           f"{ {k: list(v.shape) for k, v in feeds.items()} }: {str(exc).splitlines()[0]}")
             continue
         with _Step("trunk"):
-            t_out = dict(zip(parts["trunk_outputs"], s_trunk.run(None, feeds)))
+            t_out = run(s_trunk, feeds)
         label = "x".join(str(shapes[n][a]) for n in facts.image_inputs for a in sorted(facts.image_inputs[n]))
         for h, s_head in zip(facts.heads, s_heads):
             positions = _windows(facts, h, s_head, t_out[h.source], dense_out, label, rng, found, errors)

@@ -39,7 +39,7 @@ def compare_fine(plain, fine, maps: list[MapGeometry], dense_stride: int, native
     if len(images) != 1:
         return CheckReport(False, provider, 0, {}, [], ["the fine-map check needs exactly one image input"], "dense")
     name = images.pop()
-    s_plain = runner.session(plain, "the dense model")
+    s_plain = runner.session(plain, "the dense model", reuse=True)   # the dense check's, when it ran first
     s_fine = runner.session(fine, "the fine dense model")
     inp = next(i for i in s_plain.get_inputs() if i.name == name)
     plain_proto = plain if isinstance(plain, onnx.ModelProto) else None

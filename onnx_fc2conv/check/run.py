@@ -141,6 +141,7 @@ class Runner:
         # (dtype, nbytes) -> the distinct buffers that a Light or a session still
         # holds: weak, so that what no step needs any more is freed
         self._buckets: dict[tuple, list] = {}
+        self._reused: dict[int, tuple] = {}   # id(model) -> (model, session): sessions asked for twice
 
     def keep(self, value: np.ndarray) -> np.ndarray:
         """``value``, or a view of an equal buffer already held."""
@@ -175,9 +176,19 @@ class Runner:
                 inits.append(t)
         return Light(copy_without(model, inits), values)
 
-    def session(self, model, what: str = "the model"):
+    def session(self, model, what: str = "the model", reuse: bool = False):
         """An onnxruntime session of ``model`` (a ModelProto, a Light or a path)
-        on exactly the provider asked for."""
+        on exactly the provider asked for. ``reuse``: the same session for the
+        same model object when another step asks for it again (the runner
+        then keeps it as long as it lives)."""
+        if reuse and id(model) in self._reused:
+            return self._reused[id(model)][1]
+        sess = self._session(model, what)
+        if reuse:
+            self._reused[id(model)] = (model, sess)   # the model is held, so its id is not reused
+        return sess
+
+    def _session(self, model, what: str):
         import onnxruntime as ort
 
         light = self.light(model)
