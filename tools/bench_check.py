@@ -46,7 +46,8 @@ COMMANDS = (("convert", []), ("convert --check", ["--check"]), ("convert --dense
 def measure(model: Path, out: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "onnx_fc2conv", "convert", str(model), "-o", str(out), "-q", *extra]
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    res = subprocess.run([sys.executable, "-c", WRAP, *cmd], capture_output=True, text=True, env=env)
+    # run from the repository root: ``-m`` puts the current folder first on sys.path
+    res = subprocess.run([sys.executable, "-c", WRAP, *cmd], capture_output=True, text=True, env=env, cwd=str(ROOT))
     if res.returncode:
         raise RuntimeError(res.stderr)
     return json.loads(res.stdout.strip().splitlines()[-1])
