@@ -23,7 +23,7 @@ plain dense map at ``i`` of the input shifted by ``a*S`` pixels (the image
 without its first ``a*S`` rows/columns), at every position whose receptive
 field lies inside the image. Near the borders, where the plain map pads the
 shifted image and the fine map the whole one, the two may differ, as any two
-crops padded differently do. :func:`check_fine` proves this with
+crops padded differently do. check/fine.py proves this with
 onnxruntime.
 
 Refused, with the reason: ``S`` not dividing ``T``, or a strided layer whose
@@ -40,7 +40,6 @@ after the rewritten layers.
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 from dataclasses import dataclass, field
 
