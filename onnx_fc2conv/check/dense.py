@@ -426,12 +426,12 @@ class _Crops:
                     by_native.append((pos, run(self.s_orig, crop)))
         for o in h.outputs:
             if exact:
-                e = np.concatenate([g[o] for _, g in exact])
-                a = np.concatenate([dense_out[o][(Ellipsis,) + pos] for pos, _ in exact])
-                found.add(f"{o} @{label} pixel crops", e, a, facts.out_types.get(o, 0), _step(facts, o, e))
+                e = np.stack([g[o] for _, g in exact])
+                a = np.stack([dense_out[o][(Ellipsis,) + pos] for pos, _ in exact])
+                found.add(f"{o} @{label} pixel crops", e, a, facts.out_types.get(o, 0), _step(facts, o, e[0]))
             if by_native:
-                e = np.concatenate([g[o] for _, g in by_native])
-                a = np.concatenate([dense_out[o][(Ellipsis,) + pos] for pos, _ in by_native])
+                e = np.stack([g[o] for _, g in by_native])
+                a = np.stack([dense_out[o][(Ellipsis,) + pos] for pos, _ in by_native])
                 diff = float(np.max(np.abs(e.astype(np.float64) - a.astype(np.float64)))) if e.size else 0.0
                 self.notes.append((o, label, diff, len(by_native), natives, rfs, len(exact)))
         if skipped:
