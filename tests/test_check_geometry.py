@@ -248,4 +248,4 @@ def test_an_internal_failure_of_the_check_is_one_line_naming_the_step(tmp_path, 
     code = cli.main(["convert", str(src), "-o", str(out), "--dense", "--check"])
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
-    assert len(err.strip().splitlines()) == 1 and "failed in its head step" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and "dense check failed in its head step" in err and "Traceback" not in err, err

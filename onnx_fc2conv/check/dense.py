@@ -67,7 +67,7 @@ from ..graph import node_key
 from ..load import load
 from .compare import CheckReport, Comparisons, quant_steps
 from .keep import check_models
-from .run import Light, Runner, np_dtype, random_inputs, run
+from .run import Light, Runner, Step, np_dtype, random_inputs, run
 
 MAX_POSITIONS = 48
 # The shift test enlarges one axis at a time up to this many times its native
@@ -111,24 +111,6 @@ class Facts:
                 and not self.kept_global)
 
 
-class _Step:
-    """An internal failure of a step is one line naming the step (exit 2),
-    never a traceback (kept as the cause for --debug)."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if exc is None or isinstance(exc, Fc2ConvError):
-            return False
-        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise Fc2ConvError(f"the dense check failed in its {self.name} step ({type(exc).__name__}: {first}); "
-                           "this is a bug of onnx-fc2conv, please report it with the model") from exc
-
-
 def check_dense(original, converted, *, provider="cpu", atol=None, rtol=None, input_shapes=None, seed: int = 0,
                 batch: int = 2, runner: Runner | None = None) -> CheckReport:
     """The dense check of ``converted`` against ``original`` (paths or
@@ -136,28 +118,28 @@ def check_dense(original, converted, *, provider="cpu", atol=None, rtol=None, in
     overrides = input_shapes or {}
     runner = runner or Runner(provider)
     orig = original if isinstance(original, onnx.ModelProto) else load(original, check=False).model
-    with _Step("analysis"):
+    with Step("dense", "analysis"):
         infos = shapes_mod.infer(orig, overrides)
         heads, layers = find.find_heads(orig, infos)
     if not heads:  # nothing was made dense: the models must simply be equal
         conv_proto = converted if isinstance(converted, onnx.ModelProto) else load(converted, check=False).model
         return check_models(orig, converted, provider=provider, atol=atol, rtol=rtol, input_shapes=input_shapes,
                             seed=seed, converted_proto=conv_proto, runner=runner)
-    with _Step("analysis"):
+    with Step("dense", "analysis"):
         facts, parts = _cut(orig, infos, heads, layers, overrides, runner)
     del orig, infos, heads, layers   # the sessions read the runner's weights only
     found = Comparisons(atol, rtol)
     errors: list[str] = []
     rng = np.random.default_rng(seed)
     native_shapes = {n: _concrete(facts, n, batch) for n in facts.in_infos}
-    with _Step("session"):
+    with Step("dense", "session"):
         s_orig = runner.session(parts["original"], "the original model")
     try:
         s_dense = runner.session(converted, "the dense model", reuse=True)
     except Fc2ConvError as exc:
         return CheckReport(False, provider, 0, native_shapes, [], [str(exc)], "dense")
     _native(facts, s_orig, s_dense, native_shapes, seed, parts["original"].model, found, errors)
-    with _Step("session"):
+    with Step("dense", "session"):
         s_trunk = runner.session(parts["trunk"], "the original's trunk")
         s_heads = [runner.session(light, "the original's head") for light in parts["heads"]]
     crops = _Crops(facts, runner, parts, s_orig, native_shapes)
@@ -170,17 +152,17 @@ def check_dense(original, converted, *, provider="cpu", atol=None, rtol=None, in
             errors.append(f"onnxruntime cannot run the dense model on inputs "
                           f"{ {k: list(v.shape) for k, v in feeds.items()} }: {str(exc).splitlines()[0]}")
             continue
-        with _Step("trunk"):
+        with Step("dense", "trunk"):
             t_out = run(s_trunk, feeds)
         label = "x".join(str(shapes[n][a]) for n in facts.image_inputs for a in sorted(facts.image_inputs[n]))
         for h, s_head in zip(facts.heads, s_heads):
             positions = _windows(facts, h, s_head, t_out[h.source], dense_out, label, rng, found, errors)
             if positions and facts.crops_apply:
-                with _Step("pixel crops"):
+                with Step("dense", "pixel crops"):
                     crops.compare(h, feeds, positions, dense_out, label, found)
     notes = list(facts.notes) + crops.lines()
     del s_trunk, s_heads, s_orig, crops, parts   # the shift test runs the dense model only
-    with _Step("translation equivariance"):
+    with Step("dense", "translation equivariance"):
         shift_runs = _shift(facts, s_dense, native_shapes, rng, found, errors, notes)
     runs = 1 + len(facts.sizes) + shift_runs
     return found.report(provider, runs, native_shapes, errors, "dense", notes)
@@ -342,7 +324,7 @@ def _windows(facts, h: HeadFacts, s_head, t, dense_out, label, rng, found, error
     if len(positions) > MAX_POSITIONS:
         picks = rng.choice(len(positions), MAX_POSITIONS, replace=False)
         positions = [positions[i] for i in sorted(picks)]
-    with _Step("head"):
+    with Step("dense", "head"):
         results = _run_head(facts, s_head, h, t, positions)
     for o in h.outputs:
         e = np.stack([r[o] for r in results])

@@ -26,7 +26,7 @@ from onnx import helper
 from ..geometry import MapGeometry
 from .compare import CheckReport, Comparisons
 from .dense import check_dense
-from .run import Runner, run
+from .run import Runner, Step, run
 
 
 def compare_fine(plain, fine, maps: list[MapGeometry], dense_stride: int, native: dict, *, provider: str = "cpu",
@@ -60,6 +60,16 @@ def compare_fine(plain, fine, maps: list[MapGeometry], dense_stride: int, native
     ratios = {ax: stride_of[ax] // dense_stride for ax in order}
     shifts = list(itertools.product(*[range(ratios[ax]) for ax in order]))
     found = Comparisons(atol, rtol)
+    with Step("fine-map", "shifted inputs"):
+        _shifted(x, shifts, order, ratios, dense_stride, maps, s_plain, name, fine_out, out_types, elem, found,
+                 errors)
+    return found.report(provider, 1 + len(shifts), {name: dims}, errors, "dense")
+
+
+def _shifted(x, shifts, order, ratios, dense_stride, maps, s_plain, name, fine_out, out_types, elem, found,
+             errors) -> None:
+    """For every shift: the plain map of the shifted input against the fine
+    map's interleaved positions, where the receptive field lies inside."""
     for shift in shifts:
         crop = [slice(None)] * x.ndim
         for ax, a in zip(order, shift):
@@ -91,7 +101,6 @@ def compare_fine(plain, fine, maps: list[MapGeometry], dense_stride: int, native
                 label = (f"{o} fine map (stride {dense_stride}) vs plain map on {len(shifts)} shifted inputs, "
                          f"input {'x'.join(str(x.shape[ax]) for ax in order)}")
                 found.add(label, p[(Ellipsis,) + grid], f[(Ellipsis,) + fine_idx], out_types.get(o, elem))
-    return found.report(provider, 1 + len(shifts), {name: dims}, errors, "dense")
 
 
 def check_fine(original, plain: onnx.ModelProto, maps: list[MapGeometry], input_shapes: dict, native: dict,

@@ -14,7 +14,7 @@ import onnx
 
 from ..errors import Fc2ConvError
 from .compare import CheckReport, Comparisons, quant_steps
-from .run import Runner, concrete_shapes, load_inputs, random_inputs, run
+from .run import Runner, Step, concrete_shapes, load_inputs, random_inputs, run
 
 
 def signature_errors(original: onnx.ModelProto, converted: onnx.ModelProto) -> list[str]:
@@ -82,9 +82,10 @@ def check_models(original, converted, *, provider: str = "cpu", inputs=None, ato
         except Exception as exc:
             errors.append(f"onnxruntime cannot run the converted model: {str(exc).splitlines()[0]}")
             break
-        for name, e in expected.items():
-            if name not in actual:
-                errors.append(f"output {name!r} is missing from the converted model")
-                continue
-            found.add(name, e, actual[name], out_types.get(name, 0), steps.get(name))
+        with Step("keep", "comparison"):
+            for name, e in expected.items():
+                if name not in actual:
+                    errors.append(f"output {name!r} is missing from the converted model")
+                    continue
+                found.add(name, e, actual[name], out_types.get(name, 0), steps.get(name))
     return found.report(provider, len(feed_sets), shapes_used, errors)

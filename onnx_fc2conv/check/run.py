@@ -225,6 +225,25 @@ class Runner:
         return sess
 
 
+class Step:
+    """An internal failure of a check's step (a bug, not a mismatch) is one
+    line naming the check and the step (exit 2), never a traceback (kept as
+    the cause, for --debug)."""
+
+    def __init__(self, check: str, name: str):
+        self.check, self.name = check, name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or isinstance(exc, (Fc2ConvError, KeyboardInterrupt)):
+            return False
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise Fc2ConvError(f"the {self.check} check failed in its {self.name} step ({type(exc).__name__}: "
+                           f"{first}); this is a bug of onnx-fc2conv, please report it with the model") from exc
+
+
 def session(model, provider: str = "cpu", what: str = "the model"):
     """One session on its own (heatmap, scan): a Runner of its own."""
     return Runner(provider).session(model, what)
