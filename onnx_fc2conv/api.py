@@ -1,5 +1,5 @@
 """The pipeline, top to bottom: load -> shapes -> find heads -> plan ->
-rewrite -> verify -> save. Each step is a module with one job."""
+rewrite -> check -> save. Each step is a module (or package) with one job."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from . import atrous, dense as dense_mod, fcn_check, find, load as load_mod, plan as plan_mod, rewrite, shapes as shapes_mod, verify
+from . import atrous, dense as dense_mod, find, load as load_mod, plan as plan_mod, rewrite, shapes as shapes_mod
+from .check import CheckReport, check_convolutional, check_dense, check_fine, check_models
 from .errors import Fc2ConvError
 from .find import Layer
 from .geometry import MapGeometry
@@ -266,9 +267,12 @@ def _head_line(head) -> str:
 
 @_corrupt_strings
 def check(original, converted, provider: str = "cpu", dense: bool = False, inputs=None, atol=None, rtol=None,
-          input_shapes=None, runs: int = 3, seed: int = 0) -> verify.CheckReport:
+          input_shapes=None, runs: int = 3, seed: int = 0, dense_stride: int | None = None,
+          keep_global_pools: bool = False) -> CheckReport:
     """Run ``original`` and ``converted`` (paths or ModelProtos) in onnxruntime
-    and compare every output. The report is truthy when all outputs pass."""
+    and compare every output. The report is truthy when all outputs pass.
+    ``dense_stride``: ``converted`` is a finer map of that stride (the plain
+    dense model is made here, with ``keep_global_pools``, and proved too)."""
     overrides = _overrides(input_shapes)
     orig = load_mod.load(original, check=False)
     conv = load_mod.load(converted, check=False)
@@ -276,11 +280,11 @@ def check(original, converted, provider: str = "cpu", dense: bool = False, input
         shapes_mod.validate_overrides(orig.model, overrides)
     return _dispatch(orig.path or orig.model, lambda: orig.model, conv.path or conv.model, conv.model,
                      dense=dense, provider=provider, inputs=inputs, atol=atol, rtol=rtol, input_shapes=overrides,
-                     runs=runs, seed=seed)
+                     runs=runs, seed=seed, dense_stride=dense_stride, keep_global_pools=keep_global_pools)
 
 
 def check_result(result: ConversionResult, provider: str = "cpu", inputs=None, atol=None, rtol=None,
-                 dense_stride: int | None = None, keep_global_pools: bool = False) -> verify.CheckReport:
+                 dense_stride: int | None = None, keep_global_pools: bool = False) -> CheckReport:
     """Check what :func:`convert` returned against the model it read (the CLI's
     ``convert --check``): keep mode reads only the original's inputs and
     outputs from the result, so a large original is not loaded twice."""
@@ -288,7 +292,7 @@ def check_result(result: ConversionResult, provider: str = "cpu", inputs=None, a
         if inputs is not None:
             raise Fc2ConvError("--inputs is not used by the dense check, which makes its own larger inputs; "
                                "leave it out")
-        return fcn_check.check_convolutional(load_mod.load(result.source, check=False).model, result.model,
+        return check_convolutional(load_mod.load(result.source, check=False).model, result.model,
                                              result.maps, provider=provider, atol=atol, rtol=rtol,
                                              input_shapes=result.input_shapes)
     original = result.source if result.source is not None else result.original_io
@@ -300,7 +304,7 @@ def check_result(result: ConversionResult, provider: str = "cpu", inputs=None, a
 
 def _dispatch(original, original_proto, converted, converted_proto, *, dense, provider, inputs, atol, rtol,
               input_shapes, runs: int = 3, seed: int = 0, original_io=None, dense_stride=None,
-              keep_global_pools=False) -> verify.CheckReport:
+              keep_global_pools=False) -> CheckReport:
     """The one place that picks the check: keep-mode equality, the dense
     window check, or the fine-map check (``original_proto`` is called only
     where the whole original is needed)."""
@@ -309,18 +313,20 @@ def _dispatch(original, original_proto, converted, converted_proto, *, dense, pr
             raise Fc2ConvError("--inputs is not used by the dense check, which makes its own larger inputs; "
                                "leave it out")
         if dense_stride:  # the plain dense map against the original, the fine one against the plain one
-            from .atrous import check_fine
-
-            return check_fine(original_proto(), converted, dense_stride, provider=provider, atol=atol, rtol=rtol,
-                              input_shapes=input_shapes, keep_global_pools=keep_global_pools)
-        from .windows import check_dense
-
-        return check_dense(original_proto(), converted, provider=provider, atol=atol, rtol=rtol,
+            orig = original_proto()
+            plain = convert(orig, dense=True, input_shapes=input_shapes, keep_global_pools=keep_global_pools)
+            native = {n: list(plain.input_shapes.get(n) or info.shape or [])
+                      for n, info in shapes_mod.input_infos(orig).items()}
+            return check_fine(orig, plain.model, plain.maps, plain.input_shapes, native, converted, dense_stride,
+                              provider=provider, atol=atol, rtol=rtol)
+        # a path is read by the check itself, which drops the graph once it is cut
+        return check_dense(original if original is not None and not isinstance(original, onnx.ModelProto)
+                           else original_proto(), converted, provider=provider, atol=atol, rtol=rtol,
                            input_shapes=input_shapes, seed=seed)
-    return verify.check_models(original, converted, provider=provider, inputs=inputs, atol=atol, rtol=rtol,
-                               input_shapes=input_shapes, runs=runs, seed=seed,
-                               original_proto=original_io if original_io is not None else original_proto(),
-                               converted_proto=converted_proto)
+    return check_models(original, converted, provider=provider, inputs=inputs, atol=atol, rtol=rtol,
+                        input_shapes=input_shapes, runs=runs, seed=seed,
+                        original_proto=original_io if original_io is not None else original_proto(),
+                        converted_proto=converted_proto)
 
 
 def convert_graph(graph, dense: bool = False, input_shapes=None):

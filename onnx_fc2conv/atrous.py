@@ -23,7 +23,7 @@ plain dense map at ``i`` of the input shifted by ``a*S`` pixels (the image
 without its first ``a*S`` rows/columns), at every position whose receptive
 field lies inside the image. Near the borders, where the plain map pads the
 shifted image and the fine map the whole one, the two may differ, as any two
-crops padded differently do. :func:`check_fine` proves this with
+crops padded differently do. check/fine.py proves this with
 onnxruntime.
 
 Refused, with the reason: ``S`` not dividing ``T``, or a strided layer whose
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -343,125 +342,6 @@ def fine_geometry(g: MapGeometry, s: int) -> MapGeometry:
     """The geometry of the à trous map of stride ``s``: the trunk's stride kept as ``plain_stride``."""
     axes = tuple(dataclasses.replace(a, stride=s, plain_stride=a.stride) for a in g.axes)
     return dataclasses.replace(g, axes=axes, dense_stride=s)
-
-
-def _fine_geometry(g: dict, s: int) -> dict:
-    """:func:`fine_geometry` of a geometry dict (for the check below, which reads dicts)."""
-    return fine_geometry(MapGeometry.from_dict(g), s).to_dict()
-
-
-# --------------------------------------------------------------- check ---
-
-def compare_fine(plain: onnx.ModelProto, fine: onnx.ModelProto, geometry: list, dense_stride: int, native: dict,
-                 *, provider: str = "cpu", atol=None, rtol=None, seed: int = 0, batch: int = 2):
-    """The fine map against the plain one on shifted inputs.
-
-    One seeded input of size max(native, rf + 2 * pad) + (2 + k) * stride on
-    the k-th spatial axis; for every shift ``a`` (``0 <= a < r`` per axis) the plain
-    model runs on the input without its first ``a*S`` pixels, and every
-    position ``i`` whose receptive field lies inside the image must equal the
-    fine map at ``i*r + a``. Returns a CheckReport (truthy when it passes)."""
-    from .verify import CheckReport, _merge, compare, session
-
-    errors, reports = [], {}
-    images = {a["input"] for g in geometry for a in g["axes"]}
-    if len(images) != 1:
-        return CheckReport(False, provider, 0, {}, [], ["the fine-map check needs exactly one image input"])
-    name = images.pop()
-    s_plain = session(plain, provider, "the dense model")
-    s_fine = session(fine, provider, "the fine dense model")
-    inp = next(i for i in plain.graph.input if i.name == name)
-    elem = inp.type.tensor_type.elem_type
-    dims = list(native[name])
-    dims[0] = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else batch
-    axes_of = {a["input_axis"]: a for a in geometry[0]["axes"]}
-    stride_of = {ax: max(a["plain_stride"] if "plain_stride" in a else a["stride"]
-                         for g in geometry for a in g["axes"] if a["input_axis"] == ax) for ax in axes_of}
-    for j, ax in enumerate(sorted(axes_of)):
-        # room for interior positions: a padded trunk's window is wider than the native size
-        rf = max(a["receptive_field"] + 2 * max(0, -a["offset"]) for g in geometry for a in g["axes"]
-                 if a["input_axis"] == ax)
-        dims[ax] = max(int(dims[ax]), rf) + (2 + j) * stride_of[ax]
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(dims).astype(helper.tensor_dtype_to_np_dtype(elem))
-    fine_out = dict(zip([o.name for o in s_fine.get_outputs()], s_fine.run(None, {name: x})))
-    ratios = {ax: stride_of[ax] // dense_stride for ax in axes_of}
-    order = sorted(axes_of)
-    shifts = list(itertools.product(*[range(ratios[ax]) for ax in order]))
-    positions = 0
-    out_types = _out_types(plain)
-    for shift in shifts:
-        crop = [slice(None)] * x.ndim
-        for ax, a in zip(order, shift):
-            crop[ax] = slice(a * dense_stride, None)
-        xa = np.ascontiguousarray(x[tuple(crop)])
-        plain_out = dict(zip([o.name for o in s_plain.get_outputs()], s_plain.run(None, {name: xa})))
-        for g in geometry:
-            ga = {a["input_axis"]: a for a in g["axes"]}
-            for o in g["outputs"]:
-                p, f = plain_out[o], fine_out[o]
-                k = len(order)
-                inside = []
-                for d, ax in enumerate(order):
-                    a = ga[ax]
-                    t = a.get("plain_stride", a["stride"])
-                    n = p.shape[p.ndim - k + d]
-                    i = np.arange(n)
-                    start = a["offset"] + i * t
-                    inside.append(i[(start >= 0) & (start + a["receptive_field"] - 1 <= xa.shape[ax] - 1)])
-                if any(len(v) == 0 for v in inside):
-                    errors.append(f"output {o!r}: no position of the map lies inside the {list(xa.shape)} input")
-                    continue
-                grid = np.ix_(*inside)
-                fine_idx = np.ix_(*[v * ratios[ax] + a for v, ax, a in zip(inside, order, shift)])
-                need = [int(v[-1]) * ratios[ax] + a + 1 for v, ax, a in zip(inside, order, shift)]
-                have = list(f.shape[f.ndim - k:])
-                if any(nd > hv for nd, hv in zip(need, have)):
-                    errors.append(f"output {o!r}: the fine map is {have}, too small for the positions {need} "
-                                  f"it must hold")
-                    continue
-                e = p[(Ellipsis,) + grid]
-                got = f[(Ellipsis,) + fine_idx]
-                positions += int(np.prod([len(v) for v in inside]))
-                label = (f"{o} fine map (stride {dense_stride}) vs plain map on {len(shifts)} shifted inputs, "
-                         f"input {'x'.join(str(x.shape[ax]) for ax in order)}")
-                reports.setdefault(label, []).append(compare(label, e, got, out_types.get(o, elem), atol, rtol))
-    outputs = [_merge(v) for v in reports.values()]
-    ok = not errors and bool(outputs) and all(r.passed for r in outputs)
-    report = CheckReport(ok, provider, 1 + len(shifts), {name: dims}, outputs, errors)
-    report.mode = "dense"
-    report.positions = positions
-    return report
-
-
-def _out_types(model):
-    return {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
-
-
-def check_fine(original, fine: onnx.ModelProto, dense_stride: int, *, provider: str = "cpu", atol=None, rtol=None,
-               input_shapes=None, seed: int = 0, keep_global_pools: bool = False):
-    """The dense check for a fine model: the plain dense model against the
-    original (windows.check_dense), then the fine map against the plain one
-    on shifted inputs (:func:`compare_fine`). One CheckReport for both."""
-    from . import api
-    from .load import load
-    from .shapes import input_infos
-    from .windows import check_dense
-
-    orig = load(original, check=False).model
-    plain = api.convert(orig, dense=True, input_shapes=input_shapes, keep_global_pools=keep_global_pools)
-    first = check_dense(orig, plain.model, provider=provider, atol=atol, rtol=rtol,
-                        input_shapes=plain.input_shapes, seed=seed)
-    native = {}
-    for n, info in input_infos(orig).items():
-        native[n] = list(plain.input_shapes.get(n) or info.shape or [])
-    second = compare_fine(plain.model, fine, [_fine_geometry(g, dense_stride) for g in plain.geometry],
-                          dense_stride, native, provider=provider, atol=atol, rtol=rtol, seed=seed)
-    first.outputs = list(first.outputs) + list(second.outputs)
-    first.errors = list(first.errors) + list(second.errors)
-    first.ok = bool(first.ok) and bool(second.ok)
-    first.runs += second.runs
-    return first
 
 
 def for_convert(model: onnx.ModelProto, dense: bool, maps: list[MapGeometry], dense_stride) -> list[MapGeometry]:

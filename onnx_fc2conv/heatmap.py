@@ -359,7 +359,7 @@ def heatmap(model, image, *, cls: int | None = None, top: int | None = None, out
     x = preprocess(pixels, prep, scale, mean_v, std_v)
     h, w = pixels.shape[:2]
     progress(f"running the dense model on {h}x{w} pixels ({provider})")
-    from .verify import session
+    from .check.run import session
 
     sess = session(prep.model, provider, "the dense model")
     names = list(prep.maps)

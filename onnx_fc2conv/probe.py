@@ -101,7 +101,7 @@ def probe(model: onnx.ModelProto, shapes: dict, names: list[str], overrides: dic
     the native size is not fixed, or (with a warning) when onnxruntime
     cannot run the model on seeded inputs; raises Fc2ConvError when it
     cannot run it on the user's ``inputs``."""
-    from .verify import concrete_shapes, load_inputs, random_inputs, session
+    from .check.run import concrete_shapes, load_inputs, random_inputs, session
 
     infos = input_infos(model)
     batch_syms = {}
@@ -122,7 +122,7 @@ def probe(model: onnx.ModelProto, shapes: dict, names: list[str], overrides: dic
     batch = next((int(feeds[n].shape[0]) for n in batch_syms if n in feeds and feeds[n].ndim), None)
     symbol = next(iter(batch_syms.values()), None)
     try:
-        sess = session(_with_outputs(model, names), "cpu", "the model")
+        sess = session(onnx.load_model_from_string(_with_outputs(model, names)), "cpu", "the model")
         results = sess.run(names, feeds)
     except Exception as exc:  # onnxruntime's words are the reason
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
@@ -156,7 +156,7 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]):
     """What onnxruntime loads: the model with ``names`` as extra outputs, as
     serialized bytes (the model's own bytes, then a message that only adds
     the outputs; protobuf merges them), or, where the model cannot be
-    serialized whole (external data, over 2 GB), a copy that verify.session
+    serialized whole (external data, over 2 GB), a copy that the check's session
     materializes as it does for any check."""
     from .extdata import estimated_size, has_external
     from .save import PROTO_LIMIT

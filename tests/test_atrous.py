@@ -1,7 +1,7 @@
 """`--dense-stride S`: the à trous rewrite. The fine map at ``i*r + a``
 (r = stride / S) must equal the plain dense map of the input shifted by
 ``a*S`` pixels at ``i``, at every position whose receptive field lies inside
-the image: measured here with onnxruntime, independently of atrous.check_fine
+the image: measured here with onnxruntime, independently of the check (check/fine.py)
 (which is tested too, including that it fails on a wrong model)."""
 
 import itertools
@@ -13,8 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_fc2conv import Fc2ConvError, convert
-from onnx_fc2conv.atrous import check_fine
+from onnx_fc2conv import Fc2ConvError, check, convert
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -73,7 +72,7 @@ def test_fine_map_equals_the_plain_map_of_shifted_inputs(name, s, size):
     worst, count, fine = fine_vs_shifted(MODELS / f"{name}.onnx", s, size)
     assert count >= 4
     assert worst <= 1e-5, worst
-    report = check_fine(MODELS / f"{name}.onnx", fine.model, s)
+    report = check(MODELS / f"{name}.onnx", fine.model, dense=True, dense_stride=s)
     assert report.ok, "\n".join(report.lines())
 
 
@@ -81,7 +80,7 @@ def test_the_check_fails_on_a_wrong_fine_model():
     """The plain dense model (stride 2) posing as the stride-1 one, and a fine
     model whose head Conv lost its dilation: both must fail."""
     plain = convert(MODELS / "digits.onnx", dense=True)
-    report = check_fine(MODELS / "digits.onnx", plain.model, 1)
+    report = check(MODELS / "digits.onnx", plain.model, dense=True, dense_stride=1)
     assert not report.ok
     fine = convert(MODELS / "digits.onnx", dense=True, dense_stride=1)
     broken = onnx.ModelProto()
@@ -90,7 +89,7 @@ def test_the_check_fails_on_a_wrong_fine_model():
     for a in head.attribute:
         if a.name == "dilations":
             a.ints[:] = [1, 1]
-    report = check_fine(MODELS / "digits.onnx", broken, 1)
+    report = check(MODELS / "digits.onnx", broken, dense=True, dense_stride=1)
     assert not report.ok and any("FAILED" in line for line in report.lines())
 
 
@@ -183,7 +182,7 @@ def test_average_pool_head_is_dilated(opset):
     assert count >= 20 and worst <= 1e-5, worst
     ops = [n.op_type for n in fine.model.graph.node]
     assert ("AveragePool" in ops) == (opset >= 19)
-    assert check_fine(model, fine.model, 1).ok
+    assert check(model, fine.model, dense=True, dense_stride=1).ok
 
 
 def test_strided_conv_and_partial_stride():

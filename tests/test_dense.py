@@ -433,7 +433,7 @@ def test_the_freed_model_check_fails_on_a_model_that_mixes_positions():
     comparison must fail where the native one passes."""
     from onnx import helper
 
-    from onnx_fc2conv.fcn_check import check_convolutional
+    from onnx_fc2conv.check import check_convolutional
 
     model = pnet()
     result = convert(model, dense=True)

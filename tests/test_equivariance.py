@@ -1,4 +1,4 @@
-"""The dense check's translation-equivariance test (windows.py): the DENSE
+"""The dense check's translation-equivariance test (check/dense.py): the DENSE
 model on ``x[s:]`` equals it on ``x[:-s]`` moved by one position, wherever
 both windows lie inside the image. The window and crop comparisons run the
 original's trunk, which a dense model shares, so only this test can see a
@@ -14,7 +14,8 @@ import onnx
 import pytest
 
 from helpers import parse
-from onnx_fc2conv import check, convert, windows
+from onnx_fc2conv import check, convert
+from onnx_fc2conv.check import dense as dense_check
 from onnx_fc2conv import dense as dense_mod
 
 ROOT = Path(__file__).parent.parent
@@ -132,8 +133,8 @@ def test_no_interior_position_is_said_not_counted(monkeypatch):
     """vgg_small (receptive field 60, offset -14, stride 8) at native + 1 stride:
     no position is inside the image; the report says so and still passes on
     the rest."""
-    monkeypatch.setattr(windows, "MAX_SHIFT_FACTOR", 1)
-    monkeypatch.setattr(windows, "MAX_SHIFT_STEPS", 1)
+    monkeypatch.setattr(dense_check, "MAX_SHIFT_FACTOR", 1)
+    monkeypatch.setattr(dense_check, "MAX_SHIFT_STEPS", 1)
     path = ROOT / "models" / "vgg_small.onnx"
     report = check(path, convert(path, dense=True).model, dense=True)
     assert report and not shift_lines(report)

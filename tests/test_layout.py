@@ -8,11 +8,8 @@ from pathlib import Path
 import onnx
 
 ROOT = Path(__file__).resolve().parents[1] / "onnx_fc2conv"
-# Imports inside these functions are not counted, each with the reason and
-# when the entry goes. check_fine re-converts the original with api.convert
-# while api.convert calls atrous.apply: the check part of atrous.py moves to
-# the check package (issue 18 item 2); delete this entry then.
-PENDING = {("onnx_fc2conv.atrous", "check_fine")}
+# Imports inside these functions are not counted (none: every cycle is gone).
+PENDING: set = set()
 
 
 def _modules() -> dict:

@@ -8,19 +8,20 @@ from pathlib import Path
 import pytest
 
 from builders import head_model
-from onnx_fc2conv import Fc2ConvError, check, verify
+from onnx_fc2conv import Fc2ConvError, check
+from onnx_fc2conv.check import run as check_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cpu_session_uses_cpu():
-    sess = verify.session(head_model(), "cpu")
+    sess = check_run.session(head_model(), "cpu")
     assert sess.get_providers() == ["CPUExecutionProvider"]
 
 
 def test_unknown_provider():
     with pytest.raises(Fc2ConvError, match="unknown provider 'tpu'"):
-        verify.session(head_model(), "tpu")
+        check_run.session(head_model(), "tpu")
 
 
 def test_cuda_absent_is_refused(monkeypatch):
@@ -45,7 +46,7 @@ def test_silent_fallback_to_cpu_is_detected(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", fake_session)
     with pytest.raises(Fc2ConvError, match="fell back to CPUExecutionProvider; refusing"):
-        verify.session(head_model(), "cuda")
+        check_run.session(head_model(), "cuda")
     assert seen["asked"][0] == ("CUDAExecutionProvider", {"use_tf32": "0"})
 
 

@@ -1,7 +1,7 @@
 """Quantized FCs (rules/quant.py, rules/fc.py): QDQ, QOperator and dynamic
 quantization keep their integer weights as integer initializers, convert to
 DequantizeLinear -> Conv / QLinearConv / ConvInteger, and match onnxruntime
-on the original quantized model within one quantization step (verify.py).
+on the original quantized model within one quantization step (check/compare.py).
 
 The fixtures in tests/fixtures/quantized/ are onnxruntime.quantization's own
 output (tools/fixtures/ort_quantizer.py); the tiny graphs below are written in ONNX
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from helpers import parse, run
 from onnx_fc2conv import check, convert, inspect
@@ -23,7 +23,7 @@ from onnx_fc2conv.graph import GraphIndex
 from onnx_fc2conv.rules import Context
 from onnx_fc2conv.rules.steps import Step, match_step
 from onnx_fc2conv.shapes import infer
-from onnx_fc2conv.verify import compare, quant_steps
+from onnx_fc2conv.check.compare import compare, quant_steps
 
 FIXTURES = sorted((Path(__file__).parent / "fixtures" / "quantized").glob("*.onnx"))
 FC_OPS = {"Gemm", "MatMul", "QGemm", "QLinearMatMul", "MatMulInteger"}
@@ -418,3 +418,41 @@ def test_quant_steps_per_axis():
     steps = quant_steps(model)
     assert set(steps) == {"y"} and steps["y"].shape == (1, 3)
     np.testing.assert_allclose(steps["y"].ravel(), [0.1, 0.2, 0.4], rtol=1e-6)
+
+
+def _requantized_head():
+    return parse("""<ir_version: 8, opset_import: ["" : 13]>
+        g (float[N, 2, 8, 8] x) => (float[N, 5] y) {
+          c = Conv<kernel_shape=[3, 3]>(x, cw, cb)
+          r = Relu(c)
+          f = Flatten(r)
+          g = Gemm<transB=1>(f, w)
+          q = QuantizeLinear(g, ys, yz)
+          y = DequantizeLinear(q, ys, yz)
+        }""", cw=rng.standard_normal((4, 2, 3, 3)).astype(np.float32), cb=np.zeros(4, np.float32),
+        w=(rng.standard_normal((5, 144)) * 0.1).astype(np.float32), ys=np.float32(0.05), yz=np.uint8(128))
+
+
+@pytest.mark.parametrize("steps, ok", [(0, True), (1, True), (2, False)])
+def test_dense_check_allows_one_quantization_step(steps, ok):
+    """The dense check compares a requantized output as the keep check does:
+    a dense model whose integer output is off by one step everywhere (a sum in
+    another order may cross a rounding boundary) passes, by two fails."""
+    model = _requantized_head()
+    dense = convert(model, dense=True).model
+    dq = next(n for n in dense.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == "y")
+    q = dq.input[0]
+    dense.graph.initializer.extend([numpy_helper.from_array(np.int32(steps), "k"),
+                                    numpy_helper.from_array(np.int32(255), "top")])
+    dense.graph.node.extend([helper.make_node("Cast", [q], ["q32"], to=TensorProto.INT32),
+                             helper.make_node("Add", ["q32", "k"], ["q32k"]),
+                             helper.make_node("Min", ["q32k", "top"], ["q32m"]),   # no wrap-around at 255
+                             helper.make_node("Cast", ["q32m"], ["qk"], to=TensorProto.UINT8)])
+    dq.input[0] = "qk"
+    sorted_nodes = [n for n in dense.graph.node if n is not dq] + [dq]
+    del dense.graph.node[:]
+    dense.graph.node.extend(sorted_nodes)
+    report = check(model, dense, dense=True)
+    assert report.ok == ok, "\n".join(report.lines())
+    lines = [o for o in report.outputs if "windows" in o.name]
+    assert lines and all(o.steps is not None for o in lines)

@@ -9,8 +9,6 @@ crop (``o + j*s >= 0`` and ``o + j*s + r <= n``): the same pixels through
 the same per-position trunk. The check runs the original at its native size
 end to end, then on every crop ``k*s`` of a seeded input ``n + (3 + a)*s``
 (``a`` the axis' index), against one run of the freed model.
-
-(The check package, issue 18, is its home once it exists.)
 """
 
 from __future__ import annotations
@@ -20,9 +18,10 @@ import itertools
 import numpy as np
 from onnx import helper
 
-from .geometry import MapGeometry
-from .shapes import input_infos
-from .verify import CheckReport, compare, session
+from ..geometry import MapGeometry
+from ..shapes import input_infos
+from .compare import CheckReport, compare
+from .run import session
 
 
 def check_convolutional(original, converted, maps: list[MapGeometry], *, provider: str = "cpu", atol=None,
