@@ -99,6 +99,8 @@ def scan(model, image, out, *, tile=DEFAULT_TILE, workers: int | None = None, sc
         _check_overview_path(overview, out)
     stage(f"making {model if isinstance(model, (str, os.PathLike)) else 'the model'} dense")
     dense = model_mod.prepare(model, dense_stride=dense_stride, input_shapes=input_shapes)
+    if overview is not None and dense.rank != 2:
+        raise Fc2ConvError(f"--overview draws 2-D maps; this model's map has {dense.rank} spatial axes")
     img = open_image(image, level=level, spatial_rank=dense.rank)
     try:
         model_mod.channels_of(img.channels, dense.channels, str(image) if not isinstance(image, np.ndarray)

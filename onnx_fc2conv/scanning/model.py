@@ -80,9 +80,6 @@ def prepare(model, *, dense_stride: int | None = None, input_shapes=None) -> Den
         from .. import atrous
 
         dense = atrous.apply(dense, None, dense_stride).model
-    if not converted and not _maps(dense):
-        raise Fc2ConvError("the model has no FC head to make dense and no output that is a score map "
-                           "[N, classes, *spatial]; scan needs an image classifier")
     inits = {t.name for t in dense.graph.initializer}
     inputs = [i for i in dense.graph.input if i.name not in inits]
     if len(inputs) != 1:
@@ -115,12 +112,6 @@ def prepare(model, *, dense_stride: int | None = None, input_shapes=None) -> Den
                       dict(result.input_shapes))
 
 
-def _maps(model) -> bool:
-    from ..atrous import traced_geometry
-
-    return bool(traced_geometry(model))
-
-
 def _probe_dims(model, inp) -> list:
     """A concrete input shape big enough to trace: the fixed dims as they are, 256 for free ones."""
     return [d.dim_value if d.HasField("dim_value") else (1 if i == 0 else 256)
@@ -151,7 +142,8 @@ def _trace(model, name: str, dims, converted: bool) -> dict:
         if g and sorted(g) == list(range(2, 2 + len(g))) and all(a.input == name for a in g.values()):
             out[o] = g
     if not out:
-        raise Fc2ConvError("no output of the dense model is a score map [N, classes, *spatial] of the image")
+        raise Fc2ConvError("the model has no FC head to make dense and no output that is a score map "
+                           "[N, classes, *spatial] of its image input; scan needs an image classifier")
     first = next(iter(out.values()))
     for o, g in out.items():
         if [(a.stride, a.receptive_field, a.offset) for a in g.values()] != \
@@ -171,6 +163,12 @@ def at_size(dense: DenseModel, sizes) -> MapAt:
         dims[ax] = int(n)
     dims[len(dims) - 1 if dense.channels_last else 1] = dense.channels
     geo = _trace(model, dense.input, dims, dense.converted)
+    g = geo[dense.outputs[0]]
+    small = [(n, a) for n, a in zip(sizes, (g[k] for k in sorted(g))) if n < a.receptive_field + 2 * a.offset]
+    if small:
+        raise Fc2ConvError(f"the image ({'x'.join(map(str, sizes))} px) is smaller than the model's window "
+                           f"({'x'.join(str(a.receptive_field + 2 * a.offset) for a in (g[k] for k in sorted(g)))}"
+                           " px): the map has no position")
     infos = shapes_mod.infer(model, {dense.input: dims})
     shapes = {}
     for o in dense.outputs:
@@ -179,7 +177,6 @@ def at_size(dense: DenseModel, sizes) -> MapAt:
             raise Fc2ConvError(f"shape inference cannot tell the size of output {o!r} at input size "
                                f"{'x'.join(map(str, sizes))}; scan needs it to lay out the map")
         shapes[o] = [int(d) for d in shape[1:]]
-    g = geo[dense.outputs[0]]
     axes = tuple(MapAxis(a.input, a.input_axis, a.stride, a.receptive_field, a.offset) for a in (g[k] for k in sorted(g)))
     return MapAt(axes, shapes)
 

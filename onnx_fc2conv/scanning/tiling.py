@@ -34,8 +34,10 @@ chunk of the output) and reads, for its first owned position ``p0`` and last
 ``p1``::
 
     lo = off + p0*s,   hi = off + p1*s + rf
-    a  = 0  if lo <= 0  else  s * floor(lo / s)
-    b  = N  if hi >= N  else  N - s * floor((N - hi) / s)
+    a  = 0  if lo <= 0  else  s * floor(min(lo, N-1) / s)
+    b  = N  if hi >= N  else  N - s * floor((N - max(hi, 1)) / s)
+
+(the min and max matter only for positions wholly in the padding beyond the image)
 
 so ``a <= lo`` and ``b >= hi``: every owned position is valid by construction.
 The rounding adds at most ``s - 1`` pixels at each end, so a tile reads at most
@@ -86,8 +88,8 @@ class AxisPlan:
 def read_region(p0: int, p1: int, n: int, s: int, rf: int, off: int) -> tuple[int, int]:
     """``[a, b)`` for positions ``p0..p1`` (inclusive), aligned as the module docstring says."""
     lo, hi = off + p0 * s, off + p1 * s + rf
-    a = 0 if lo <= 0 else s * (lo // s)
-    b = n if hi >= n else n - s * ((n - hi) // s)
+    a = 0 if lo <= 0 else s * (min(lo, n - 1) // s)
+    b = n if hi >= n else n - s * ((n - max(hi, 1)) // s)
     return a, b
 
 
