@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +38,7 @@ class ScanResult:
     tiles: int                   # in the tiling
     computed: int                # by this call
     resumed: int                 # found finished
-    seconds: float
+    seconds: float               # computing tiles: from loading the model (dask: from the cluster ready) to the last
     pixels: int                  # image pixels the computed tiles account for
     converted: bool
     check: object = None         # check.ScanCheck when check=True
@@ -142,16 +141,14 @@ def scan(model, image, out, *, tile=DEFAULT_TILE, workers: int | None = None, sc
     stage(f"scanning {'x'.join(map(str, sizes))} px in {len(todo)} of {total} tiles {where}"
           + (f" ({resumed} done already)" if resumed else ""))
     progress(resumed, total, 0)
-    t0 = time.perf_counter()
     if workers is None and scheduler is None:
         if threads is None:
             job.threads = None if provider != "cpu" else (os.cpu_count() or 1)
-        engine.run_here(job, dense.data, todo, on_tile)
+        seconds = engine.run_here(job, dense.data, todo, on_tile)
     else:
         if workers is not None and threads is None:
             job.threads = max(1, (os.cpu_count() or 1) // workers)
-        engine.run_dask(job, dense.data, todo, on_tile, workers=workers, scheduler=scheduler)
-    seconds = time.perf_counter() - t0
+        seconds = engine.run_dask(job, dense.data, todo, on_tile, workers=workers, scheduler=scheduler)
     result = ScanResult(str(out), sizes, at.shapes, at.axes, total, count[0] - resumed, resumed, seconds,
                         count[1], dense.converted, attrs=attrs)
     if check:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -180,11 +181,13 @@ def run_tile(job: Job, data: bytes, image, t) -> tuple:
 
 # --------------------------------------------------------------- engines ---
 
-def run_here(job: Job, data: bytes, todo: list, on_tile) -> None:
-    """Tiles in this process, the next one read while this one runs."""
+def run_here(job: Job, data: bytes, todo: list, on_tile) -> float:
+    """Tiles in this process, the next one read while this one runs; returns
+    the seconds from loading the model to the last tile written."""
+    t0 = time.perf_counter()
     worker = Worker(job, data)
     if not todo:
-        return
+        return time.perf_counter() - t0
     with ThreadPoolExecutor(1, thread_name_prefix="scan-read") as reader:
         ahead = reader.submit(worker.read, todo[0])
         for i, t in enumerate(todo):
@@ -193,11 +196,14 @@ def run_here(job: Job, data: bytes, todo: list, on_tile) -> None:
                 ahead = reader.submit(worker.read, todo[i + 1])
             worker.write(t, worker.infer(x))
             on_tile(t, pixels_of(job.tiling, t))
+    return time.perf_counter() - t0
 
 
 def run_dask(job: Job, data: bytes, todo: list, on_tile, *, workers: int | None = None,
-             scheduler: str | None = None, timeout: float = 30.0) -> None:
-    """Tiles as dask tasks, on a LocalCluster of ``workers`` processes or on ``scheduler``."""
+             scheduler: str | None = None, timeout: float = 30.0) -> float:
+    """Tiles as dask tasks, on a LocalCluster of ``workers`` processes or on
+    ``scheduler``; returns the seconds from the cluster being ready (the
+    workers load the model on their first tile) to the last tile written."""
     try:
         from distributed import Client, LocalCluster, as_completed
     except ImportError:
@@ -216,7 +222,7 @@ def run_dask(job: Job, data: bytes, todo: list, on_tile, *, workers: int | None 
                                    dashboard_address=None, silence_logs=logging.ERROR)
             client = Client(cluster)
         try:
-            _submit_all(client, as_completed, job, data, todo, on_tile)
+            return _submit_all(client, as_completed, job, data, todo, on_tile)
         finally:
             client.close()
     finally:
@@ -224,11 +230,12 @@ def run_dask(job: Job, data: bytes, todo: list, on_tile, *, workers: int | None 
             cluster.close()
 
 
-def _submit_all(client, as_completed, job, data, todo, on_tile) -> None:
+def _submit_all(client, as_completed, job, data, todo, on_tile) -> float:
     if not todo:
-        return
+        return 0.0
     if not client.scheduler_info().get("workers"):
         client.wait_for_workers(1, timeout=60)
+    t0 = time.perf_counter()
     shared = client.scatter(data, broadcast=True, hash=False)
     image = None
     if isinstance(job.image, np.ndarray):  # an array in this process: every worker gets a copy once
@@ -247,4 +254,5 @@ def _submit_all(client, as_completed, job, data, todo, on_tile) -> None:
             on_tile(t, pixels)
     finally:
         client.cancel(futures)
+    return time.perf_counter() - t0
 
