@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import zarr
 from hypothesis import given, settings, strategies as st
 
 from onnx_fc2conv import Fc2ConvError, scan
@@ -13,7 +14,6 @@ from onnx_fc2conv.scanning import model as model_mod, store, tiling
 
 from scan_models import assert_exact, classifier, dense_model, one_pass
 
-zarr = pytest.importorskip("zarr")  # the scan extra is part of the test extra
 EXAMPLES = max(8, settings().max_examples // 5)
 
 
@@ -167,7 +167,8 @@ def test_output_group_records_what_the_map_is(tmp_path):
     group = zarr.open_group(str(out), mode="r")
     attrs = dict(group.attrs)[store.ATTR]
     arr = group["logits"]
-    assert arr.dtype == np.float32 and arr.shape == (10, 29, 37) and arr.chunks == (10, 11, 11)  # K = (30 - 8 - 2*(2-1)) // 2 + 1
+    # K = (tile - rf - 2*(s-1)) // s + 1 = (30 - 8 - 2) // 2 + 1 positions per tile
+    assert arr.dtype == np.float32 and arr.shape == (10, 29, 37) and arr.chunks == (10, 11, 11)
     assert group.metadata.zarr_format == 3
     import hashlib
     assert attrs["model_sha256"] == hashlib.sha256(open("models/digits.onnx", "rb").read()).hexdigest()

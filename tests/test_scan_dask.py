@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
+import distributed
 
 from onnx_fc2conv import scan
 from onnx_fc2conv.scanning import store
 
 from scan_models import assert_exact, one_pass
 
-zarr = pytest.importorskip("zarr")
-distributed = pytest.importorskip("distributed")
 ROOT = Path(__file__).resolve().parents[1]
 
 

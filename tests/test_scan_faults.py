@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 from onnx_fc2conv import Fc2ConvError, cli, scan
 from onnx_fc2conv.images import ArrayImage
 from onnx_fc2conv.scanning import store
 
-zarr = pytest.importorskip("zarr")
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"\nbench_scan: {model.name}, {args.provider}, {cores} cores, tile {args.tile}, load average {load} "
           "(other processes share the cores: ratios that need idle cores, (c) above all, read low on a busy machine)")
-    print(f"| ratio | value | goal | measured |\n|---|---|---|---|")
+    print("| ratio | value | goal | measured |\n|---|---|---|---|")
     for name, value, goal, detail in rows:
         print(f"| {name} | {value:.2f} | {goal} | {detail} |")
     return 0

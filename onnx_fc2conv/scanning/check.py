@@ -28,7 +28,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 from onnx import helper
 
 from . import engine, model as model_mod, store, tiling as tiling_mod

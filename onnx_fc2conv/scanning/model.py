@@ -177,7 +177,8 @@ def at_size(dense: DenseModel, sizes) -> MapAt:
             raise Fc2ConvError(f"shape inference cannot tell the size of output {o!r} at input size "
                                f"{'x'.join(map(str, sizes))}; scan needs it to lay out the map")
         shapes[o] = [int(d) for d in shape[1:]]
-    axes = tuple(MapAxis(a.input, a.input_axis, a.stride, a.receptive_field, a.offset) for a in (g[k] for k in sorted(g)))
+    axes = tuple(MapAxis(a.input, a.input_axis, a.stride, a.receptive_field, a.offset)
+                 for a in (g[k] for k in sorted(g)))
     return MapAt(axes, shapes)
 
 
