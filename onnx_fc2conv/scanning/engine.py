@@ -241,8 +241,10 @@ def _submit_all(client, as_completed, job, data, todo, on_tile) -> float:
     if isinstance(job.image, np.ndarray):  # an array in this process: every worker gets a copy once
         image = client.scatter(job.image, broadcast=True, hash=False)
         job = replace(job, image=None)
+    # No retries: dask reschedules a lost worker's tiles by itself, and an
+    # exception (an unreadable region) must stop the scan, not repeat.
     futures = [client.submit(run_tile, job, shared, image, t, key=f"scan-tile-{job.key}-{'-'.join(map(str, t))}",
-                             pure=False, retries=3) for t in todo]
+                             pure=False) for t in todo]
     try:
         for f in as_completed(futures):
             if f.status == "error":
