@@ -239,3 +239,19 @@ def test_overview(tmp_path):
     assert result.overview == str(tmp_path / "o.png")
     with Image.open(tmp_path / "o.png") as img:
         assert img.size[0] >= 200 and img.size[1] >= 300
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_8bit_pixels_take_the_table_path_to_the_same_bits(channels_last):
+    import dataclasses
+
+    dense = dataclasses.replace(model_mod.prepare("models/vgg_small.onnx"), channels_last=channels_last)
+    prep = model_mod.Preprocessing(1 / 255, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    px = _pixels((37, 41, 3), 7)
+    fast = model_mod.to_input(px, dense, prep)
+    general = model_mod.to_input(px.astype(np.uint16), dense, prep)
+    assert fast.dtype == general.dtype == np.float32 and fast.shape == general.shape
+    assert np.array_equal(fast, general)
+    expected = (px.astype(np.float64) / 255 - np.array(prep.mean)) / np.array(prep.std)
+    expected = expected if channels_last else np.moveaxis(expected, -1, 0)
+    assert np.allclose(fast[0], expected, atol=1e-5)

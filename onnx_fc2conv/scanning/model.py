@@ -217,9 +217,23 @@ def channels_of(image_channels: int, model_channels: int, what: str) -> int:
 
 
 def to_input(pixels: np.ndarray, dense: DenseModel, prep: Preprocessing) -> np.ndarray:
-    """Pixels ``[*sizes, C]`` as one batch in the model's layout and dtype."""
+    """Pixels ``[*sizes, C]`` as one batch in the model's layout and dtype.
+
+    8-bit pixels go through a 256-entry table per channel, computed with the
+    same float operations as the general path (so the values are the same
+    bits), straight into the model's layout: one pass over the tile instead
+    of five."""
     dtype = dense.np_dtype
     work = np.float64 if dtype == np.float64 else np.float32
+    if pixels.dtype == np.uint8:
+        levels = np.arange(256, dtype=work)
+        out = np.empty((1,) + (pixels.shape[:-1] + (dense.channels,) if dense.channels_last else
+                               (dense.channels,) + pixels.shape[:-1]), dtype)
+        for c in range(dense.channels):
+            table = ((levels * work(prep.scale)) - work(prep.mean[c])) / work(prep.std[c])
+            target = out[0, ..., c] if dense.channels_last else out[0, c]
+            np.take(table.astype(dtype), pixels[..., c], out=target)
+        return out
     x = pixels[..., :dense.channels].astype(work)
     x *= work(prep.scale)
     x -= np.asarray(prep.mean, work)
