@@ -70,11 +70,11 @@ def run_scan(model, img, out, **kw) -> tuple:
     return time.perf_counter() - t0, result.seconds
 
 
-def one_pass_seconds(model, size, reps, provider) -> float:
+def one_pass_seconds(model, size, reps, provider, threads=None) -> float:
     from onnx_fc2conv.scanning import engine, model as model_mod
 
     dense = model_mod.prepare(model)
-    sess = engine.session(dense.data, provider, os.cpu_count())
+    sess = engine.session(dense.data, provider, threads or os.cpu_count())
     shape = (1, size, size, dense.channels) if dense.channels_last else (1, dense.channels, size, size)
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     sess.run(None, {dense.input: x})   # warm-up
@@ -213,6 +213,11 @@ def main(argv=None) -> int:
             f"1 worker x 1 thread {r1 / 1e6:.3f}, 2 x 1 {r2 / 1e6:.3f}, default ({cores} threads, this process) "
             f"{r0 / 1e6:.3f} Mpx/s on {args.par}^2, tile {kw['tile']} (warm workers)")
         row("(c') default / best of both", r0 / max(r1, r2), ">= 1.0", "")
+        if cores > 1 and args.provider == "cpu":   # what the machine gives: one pass, all cores vs one
+            side = min(args.one, 1024)
+            r = one_pass_seconds(model, side, args.reps, "cpu", 1) / one_pass_seconds(model, side, args.reps, "cpu")
+            row("(c0) machine: one pass, all cores / 1 thread", r, f"(ideal {cores})",
+                f"on {side}^2: the speed-up any parallel scan here can build on")
     if "d" not in args.skip:
         small, large = args.rss
         m_small = peak_rss(model, image(work, small), work / "rss_s.zarr", args.tile)
