@@ -99,7 +99,8 @@ def test_unreadable_region_stops_with_one_line_naming_it_and_keeps_finished_tile
         assert not np.isnan(prob[:, t[0] * k[0]:(t[0] + 1) * k[0], t[1] * k[1]:(t[1] + 1) * k[1]]).any()
 
 
-def test_killed_scan_resumes_to_the_identical_map(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_killed_scan_resumes_to_the_identical_map(tmp_path, sig):
     img = _image(tmp_path, (300, 300, 3), 2)
     out, ref = tmp_path / "o.zarr", tmp_path / "ref.zarr"
     argv = [sys.executable, "-m", "onnx_fc2conv", "scan", "models/vgg_small.onnx", str(img), "-o", str(out),
@@ -114,12 +115,15 @@ def test_killed_scan_resumes_to_the_identical_map(tmp_path):
                 break
             time.sleep(0.01)
         assert proc.poll() is None, "the scan ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        proc.send_signal(sig)
+        proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    if sig == signal.SIGINT:
+        err = proc.stderr.read().decode()
+        assert proc.returncode == 130 and "interrupted;" in err and "--resume" in err, err
     before = store.done_flags(zarr.open_group(str(out), mode="r"))
     assert 10 <= before.sum() < before.size
     result = scan("models/vgg_small.onnx", img, out, tile=100, resume=True, threads=1)
