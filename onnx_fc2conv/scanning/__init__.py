@@ -14,6 +14,7 @@ finished tile and ``resume=True`` computes only the others.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -117,6 +118,31 @@ def scan(model, image, out, *, tile=DEFAULT_TILE, workers: int | None = None, sc
         attrs = _attrs(dense, model, image_path, img, level, prep, tiling, at)
     finally:
         img.close()
+    with contextlib.ExitStack() as stack:
+        client = None if workers is None and scheduler is None else \
+            stack.enter_context(engine.dask_client(workers=workers, scheduler=scheduler))
+        result = _run(out, exists, overwrite, attrs, at, tiling, dense, image, image_path, level, prep, provider,
+                      threads, workers, scheduler, client, progress, stage)
+    if check:
+        from . import check as check_mod
+
+        stage(f"checking the map ({samples} sampled regions)")
+        result.check = check_mod.check(out, dense, image, level=level, samples=samples, provider=provider,
+                                       seed=seed)
+    if overview is not None:
+        from . import overview as overview_mod
+
+        stage(f"drawing {overview}")
+        overview_mod.write(out, image, overview, level=level, cls=cls, top=top, labels=labels)
+        result.overview = os.fspath(overview)
+    return result
+
+
+def _run(out, exists, overwrite, attrs, at, tiling, dense, image, image_path, level, prep, provider, threads, workers,
+         scheduler, client, progress, stage) -> ScanResult:
+    """Create or reopen OUT and compute its missing tiles (the cluster, if any, is up)."""
+    from . import engine, store
+
     if exists:
         group = store.open_existing(out, attrs)
         done = store.done_flags(group)
@@ -138,32 +164,20 @@ def scan(model, image, out, *, tile=DEFAULT_TILE, workers: int | None = None, sc
 
     where = (f"on the dask cluster at {scheduler}" if scheduler else
              f"on {workers} local worker{'s' if workers != 1 else ''}" if workers else "in this process")
-    stage(f"scanning {'x'.join(map(str, sizes))} px in {len(todo)} of {total} tiles {where}"
+    stage(f"scanning {'x'.join(str(a.size) for a in tiling.axes)} px in {len(todo)} of {total} tiles {where}"
           + (f" ({resumed} done already)" if resumed else ""))
     progress(resumed, total, 0)
-    if workers is None and scheduler is None:
+    if client is None:
         if threads is None:
             job.threads = None if provider != "cpu" else (os.cpu_count() or 1)
         seconds = engine.run_here(job, dense.data, todo, on_tile)
     else:
         if workers is not None and threads is None:
             job.threads = max(1, (os.cpu_count() or 1) // workers)
-        seconds = engine.run_dask(job, dense.data, todo, on_tile, workers=workers, scheduler=scheduler)
-    result = ScanResult(str(out), sizes, at.shapes, at.axes, total, count[0] - resumed, resumed, seconds,
-                        count[1], dense.converted, attrs=attrs)
-    if check:
-        from . import check as check_mod
-
-        stage(f"checking the map ({samples} sampled regions)")
-        result.check = check_mod.check(out, dense, image, level=level, samples=samples, provider=provider,
-                                       seed=seed)
-    if overview is not None:
-        from . import overview as overview_mod
-
-        stage(f"drawing {overview}")
-        overview_mod.write(out, image, overview, level=level, cls=cls, top=top, labels=labels)
-        result.overview = os.fspath(overview)
-    return result
+        seconds = engine.run_dask(job, dense.data, todo, on_tile, client)
+    sizes = tuple(a.size for a in tiling.axes)
+    return ScanResult(str(out), sizes, at.shapes, at.axes, total, count[0] - resumed, resumed, seconds, count[1],
+                      dense.converted, attrs=attrs)
 
 
 def _check_overview_path(path, out) -> None:

@@ -17,6 +17,7 @@ its machine.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -202,13 +203,13 @@ def run_here(job: Job, data: bytes, todo: list, on_tile) -> float:
     return time.perf_counter() - t0
 
 
-def run_dask(job: Job, data: bytes, todo: list, on_tile, *, workers: int | None = None,
-             scheduler: str | None = None, timeout: float = 30.0) -> float:
-    """Tiles as dask tasks, on a LocalCluster of ``workers`` processes or on
-    ``scheduler``; returns the seconds from the cluster being ready (the
-    workers load the model on their first tile) to the last tile written."""
+@contextlib.contextmanager
+def dask_client(*, workers: int | None = None, scheduler: str | None = None, timeout: float = 20.0):
+    """A dask client on a LocalCluster of ``workers`` one-thread processes, or
+    on ``scheduler``; entered before OUT is created, so a scheduler that
+    cannot be reached leaves nothing behind."""
     try:
-        from distributed import Client, LocalCluster, as_completed
+        from distributed import Client, LocalCluster
     except ImportError:
         raise Fc2ConvError("--workers and --scheduler need dask.distributed (the 'scan' extra): "
                            "pip install 'onnx-fc2conv[scan]'") from None
@@ -217,7 +218,7 @@ def run_dask(job: Job, data: bytes, todo: list, on_tile, *, workers: int | None 
         if scheduler:
             try:
                 client = Client(scheduler, timeout=timeout)
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, ValueError) as exc:
                 raise Fc2ConvError(f"--scheduler {scheduler}: cannot connect ({type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0] if str(exc) else 'timed out'})") from None
         else:
@@ -225,12 +226,21 @@ def run_dask(job: Job, data: bytes, todo: list, on_tile, *, workers: int | None 
                                    dashboard_address=None, silence_logs=logging.ERROR)
             client = Client(cluster)
         try:
-            return _submit_all(client, as_completed, job, data, todo, on_tile)
+            yield client
         finally:
             client.close()
     finally:
         if cluster is not None:
             cluster.close()
+
+
+def run_dask(job: Job, data: bytes, todo: list, on_tile, client) -> float:
+    """Tiles as dask tasks on ``client``'s cluster; returns the seconds from
+    the cluster being ready (the workers load the model on their first tile)
+    to the last tile written."""
+    from distributed import as_completed
+
+    return _submit_all(client, as_completed, job, data, todo, on_tile)
 
 
 def _submit_all(client, as_completed, job, data, todo, on_tile) -> float:
