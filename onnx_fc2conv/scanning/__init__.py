@@ -187,6 +187,13 @@ def _check_overview_path(path, out) -> None:
         raise Fc2ConvError(f"{path}: the overview folder does not exist")
     if p.is_dir():
         raise Fc2ConvError(f"{path}: is a directory; give a file name for the overview")
+    import importlib.util
+
+    if importlib.util.find_spec("onnx_fc2conv.draw") is None:   # known before an hour of scanning, not after
+        raise Fc2ConvError("--overview needs the heatmap renderer (onnx_fc2conv.draw), which this installation lacks")
+    from ..heatmap import pillow
+
+    pillow()
 
 
 def _attrs(dense, model, image_path, img, level, prep, tiling, at) -> dict:
