@@ -22,7 +22,7 @@ def _k(rank, v):
     return [v] * rank
 
 
-def dense_model(rank: int = 2, channels: int = 2, seed: int = 0) -> onnx.ModelProto:
+def dense_model(rank: int = 2, channels: int = 2, seed: int = 0, nhwc: bool = False) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     w = lambda *shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32),  # noqa: E731
                                                f"w{len(inits)}")
@@ -31,7 +31,13 @@ def dense_model(rank: int = 2, channels: int = 2, seed: int = 0) -> onnx.ModelPr
     inits.append(w(5, 4, *_k(rank, 2)))
     inits.append(w(3, 5, *_k(rank, 1)))
     k = lambda v: _k(rank, v)  # noqa: E731
-    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], kernel_shape=k(3), strides=k(2), auto_pad="SAME_UPPER"),
+    first = "x"
+    pre = []
+    if nhwc:   # channels last, as tf2onnx writes Keras models: a Transpose to NCHW first
+        pre = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, rank + 1] + list(range(1, rank + 1)))]
+        first = "xt"
+    nodes = pre + [
+             helper.make_node("Conv", [first, "w0"], ["a"], kernel_shape=k(3), strides=k(2), auto_pad="SAME_UPPER"),
              helper.make_node("Relu", ["a"], ["b"]),
              helper.make_node("MaxPool", ["b"], ["c"], kernel_shape=k(3), strides=k(2), pads=k(1) * 2, ceil_mode=1),
              helper.make_node("AveragePool", ["c"], ["d"], kernel_shape=k(3), strides=k(1), pads=k(1) * 2,
@@ -39,8 +45,9 @@ def dense_model(rank: int = 2, channels: int = 2, seed: int = 0) -> onnx.ModelPr
              helper.make_node("Conv", ["d", "w1"], ["e"], kernel_shape=k(2), pads=k(0) + k(1)),
              helper.make_node("Relu", ["e"], ["f"]),
              helper.make_node("Conv", ["f", "w2"], ["y"], kernel_shape=k(1))]
-    g = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("x", TP.FLOAT, [1, channels] +
-                                                                         [f"s{i}" for i in range(rank)])],
+    spatial = [f"s{i}" for i in range(rank)]
+    dims = [1] + spatial + [channels] if nhwc else [1, channels] + spatial
+    g = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("x", TP.FLOAT, dims)],
                           [helper.make_tensor_value_info("y", TP.FLOAT, [1, 3] + [f"m{i}" for i in range(rank)])],
                           inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])

@@ -108,6 +108,17 @@ def test_same_padding_and_ceil_pools_stitch_exactly_1d(tmp_path_factory, n, tile
 _DENSE = {1: dense_model(1), 2: dense_model(2)}
 
 
+def test_channels_last_input_is_fed_channels_last(tmp_path):
+    model = dense_model(2, nhwc=True)
+    assert model_mod.prepare(model).channels_last
+    pixels = np.random.default_rng(5).standard_normal((45, 38, 2)).astype(np.float32)
+    scan(model, pixels, tmp_path / "o.zarr", tile=30, scale=1.0)
+    ref = one_pass(model, pixels, scale=1.0)["y"]
+    assert_exact(_read(tmp_path / "o.zarr", "y"), ref, "NHWC")
+    nchw = one_pass(_DENSE[2], pixels, scale=1.0)["y"]      # the same weights read channels first
+    assert_exact(ref, nchw, "NHWC model vs its NCHW twin")
+
+
 def test_the_alignment_rule_is_needed_for_same_padding():
     """The test model is sensitive: a crop whose end is not N - k*s (the rule)
     pads its SAME layer differently and gets valid-looking positions wrong."""
