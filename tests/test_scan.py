@@ -266,3 +266,16 @@ def test_8bit_pixels_take_the_table_path_to_the_same_bits(channels_last):
     expected = (px.astype(np.float64) / 255 - np.array(prep.mean)) / np.array(prep.std)
     expected = expected if channels_last else np.moveaxis(expected, -1, 0)
     assert np.allclose(fast[0], expected, atol=1e-5)
+
+
+def test_every_score_map_output_gets_its_array(tmp_path):
+    from onnx import TensorProto, helper
+
+    model = classifier()
+    model.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5]))
+    pixels = _pixels((60, 50), 8)
+    scan(model, pixels, tmp_path / "o.zarr", tile=20)
+    group = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")
+    assert sorted(group.array_keys()) == ["logits", "prob", store.DONE]
+    for name, ref in one_pass(model, pixels).items():
+        assert_exact(group[name][...], ref, name)
