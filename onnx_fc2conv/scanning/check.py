@@ -13,7 +13,7 @@
    image, the ORIGINAL model's trunk runs on a crop that holds the position's
    support and the original head on the trunk's window of the native size;
    the result must equal the stored map there (the dense window property,
-   windows.py, on the real image). The crop starts on the stride grid
+   check/dense.py, on the real image). The crop starts on the stride grid
    ``(P - q0) * s`` with ``q0 = ceil(-offset / s)`` so that trunk position
    ``q0`` of the crop is map position ``P``, and its length is ``≡ N (mod s)``
    so that ``auto_pad=SAME`` pads as in one pass.
@@ -126,8 +126,19 @@ def _windows(dense, img, group, tiling, prep, samples, rng, provider, report) ->
     from .. import shapes as shapes_mod
     from ..find import find_heads
     from ..load import load
-    from ..verify import session
-    from ..windows import _analyse, _cone, _submodel, _vi
+    from .. import dense as dense_mod
+    from ..check.dense import _cone, _vi
+    from ..check.run import session
+
+    def _analyse(model, infos, heads, layers, overrides):  # lenient, as the dense check analyses
+        return dense_mod.analyse(model, infos, heads, layers, overrides, lenient=True)
+
+    def _submodel(model, nodes, inputs, outputs):
+        read = {i for n in nodes for i in n.input if i}
+        graph = helper.make_graph(nodes, "part", inputs, outputs, [t for t in model.graph.initializer if t.name in read])
+        sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=max(model.ir_version, 4))
+        sub.functions.extend(model.functions)
+        return sub
 
     original = load(dense.original, check=False).model
     overrides = dict(dense.input_shapes)

@@ -59,7 +59,7 @@ def session(data: bytes, provider: str, threads: int | None):
     float reordering)."""
     import onnxruntime as ort
 
-    from ..verify import PROVIDERS
+    from ..check.run import PROVIDERS
 
     want = PROVIDERS.get(provider)
     if want is None or want not in ort.get_available_providers():
