@@ -8,7 +8,8 @@ from .api import ConversionResult, InspectResult, check, convert, convert_graph,
 from .errors import Fc2ConvError
 from .find import Layer
 from .save import save
+from .scanning import scan
 
 __all__ = ["convert", "check", "inspect", "convert_graph", "save", "ConversionResult", "InspectResult",
-           "CheckReport", "OutputReport", "Layer", "Fc2ConvError"]
+           "CheckReport", "OutputReport", "Layer", "Fc2ConvError", "scan"]
 __version__ = "0.1.0"

@@ -1,3 +1,4 @@
 from .cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # dask's worker processes (spawn) import this module again: they must not run the CLI
+    raise SystemExit(main())

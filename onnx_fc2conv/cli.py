@@ -1,4 +1,4 @@
-"""Command line: ``onnx-fc2conv convert|inspect|check|heatmap``.
+"""Command line: ``onnx-fc2conv convert|inspect|check|heatmap|scan``.
 
 Exit codes: 0 success, 1 a check found a mismatch, 2 bad input or usage.
 Errors are one line on stderr (a traceback only with --debug).
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     tol.add_argument("--atol", type=float, help="absolute tolerance (default by dtype, scaled by output magnitude)")
     tol.add_argument("--rtol", type=float, help="relative tolerance (default by dtype)")
     tol.add_argument("--report", metavar="FILE.json", help="write per-layer and per-output results as JSON")
-    sub = p.add_subparsers(dest="command", metavar="{convert,inspect,check,heatmap}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{convert,inspect,check,heatmap,scan}", parser_class=_Parser)
     sub.required = True
     c = sub.add_parser("convert", parents=[common, shape, tol], help="convert FC layers into convolutions",
                        description="Convert FC layers into Conv layers (keep mode: same inputs and outputs).")
@@ -119,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     hm.add_argument("--json", dest="json_out", metavar="FILE.json",
                     help="write the score map, its geometry and the top classes per position")
     hm.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime provider")
+    from .scanning.command import add_parser as _scan_parser
+
+    _scan_parser(sub, [common, shape])
     return p
 
 
@@ -361,6 +364,12 @@ def _cmd_heatmap(args, out) -> int:
     return 0
 
 
+def _cmd_scan(args, out) -> int:
+    from .scanning.command import command
+
+    return command(args, out)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
@@ -372,7 +381,7 @@ def main(argv=None) -> int:
 
     args.progress = _Progress(not args.quiet and sys.stderr.isatty())
     handler = {"convert": _cmd_convert, "inspect": _cmd_inspect, "check": _cmd_check,
-               "heatmap": _cmd_heatmap}[args.command]
+               "heatmap": _cmd_heatmap, "scan": _cmd_scan}[args.command]
     try:
         return handler(args, out)
     except Fc2ConvError as exc:

@@ -3,7 +3,8 @@ dense mode, prove them on onnxruntime's CUDA execution provider, and run the
 dense benchmark on CUDA. Prints one table. Needs an NVIDIA GPU and the
 onnxruntime-gpu package (it exits 2 saying so elsewhere).
 
-    python tools/gpu_check.py [--skip-bench] [--sizes 256 384 448 512] [--reps 10]
+    python tools/gpu_check.py [--skip-bench] [--skip-scan] [--sizes 256 384 448 512] [--reps 10]
+                              [--scan-size 8192]
 
 The check runs with TF32 off (``use_tf32=0``) so float32 is compared as
 float32; the script also reports what TF32 on would give for the VGG16 head.
@@ -26,6 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--sizes", nargs="+", type=int, default=[256, 384, 448, 512])
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--skip-scan", action="store_true")
+    ap.add_argument("--scan-size", type=int, default=8192, help="the scan row's image side")
     args = ap.parse_args(argv)
     try:
         import onnxruntime as ort
@@ -88,10 +91,52 @@ def main(argv=None) -> int:
         print(f"VGG16 keep, use_tf32={tf32}: max abs {d.max():.3e}, max |out| {np.abs(outs[(tf32, 'orig')]).max():.3g}")
     d = np.abs(outs[("1", "orig")] - outs[("0", "orig")])
     print(f"VGG16 original, TF32 on vs off: max abs {d.max():.3e}")
+    if not args.skip_scan:
+        failures += scan_row(tmp, args.scan_size)
     if not args.skip_bench:
         import bench_dense
         bench_dense.main(["--provider", "cuda", "--reps", str(args.reps), "--sizes", *map(str, args.sizes)])
     return 1 if failures else 0
+
+
+def scan_row(tmp: Path, size: int) -> int:
+    """scan on CUDA (IO binding, the next tile read while the GPU runs this one): pixels/s against one pass of
+    the dense model on the GPU at the largest size tried that fits, and the map against a CPU scan of a corner."""
+    import numpy as np
+
+    import bench_scan
+    from onnx_fc2conv.scanning import engine, model as model_mod
+
+    vgg = ROOT / "models" / "vgg_small.onnx"
+    img = bench_scan.image(tmp, size)
+    wall, _ = bench_scan.run_scan(vgg, img, tmp / "gpu.zarr", provider="cuda", tile=2048)
+    rate = size * size / wall
+    dense = model_mod.prepare(vgg)
+    sess = engine.session(dense.data, "cuda", None)
+    one = None
+    for side in (8192, 6144, 4096, 2048):
+        x = np.random.default_rng(0).standard_normal((1, 3, side, side)).astype(np.float32)
+        try:
+            sess.run(None, {dense.input: x})
+            t0 = time.perf_counter()
+            sess.run(None, {dense.input: x})
+            one = (side, side * side / (time.perf_counter() - t0))
+            break
+        except Exception:
+            continue
+    # the same map on the CPU: a 2048^2 corner scanned on both providers
+    corner = np.load(img, mmap_mode="r")[:2048, :2048]
+    bench_scan.run_scan(vgg, np.ascontiguousarray(corner), tmp / "c_gpu.zarr", provider="cuda", tile=1024)
+    bench_scan.run_scan(vgg, np.ascontiguousarray(corner), tmp / "c_cpu.zarr", provider="cpu", tile=1024)
+    import zarr
+
+    a, b = (zarr.open_group(str(tmp / n), mode="r")["prob"][...] for n in ("c_gpu.zarr", "c_cpu.zarr"))
+    d = float(np.abs(a - b).max())
+    ok = d <= 1e-5 * float(np.abs(b).max())
+    print(f"\nscan vgg_small {size}^2 on cuda: {rate / 1e6:.1f} Mpx/s (load included)"
+          + (f"; one pass {one[0]}^2: {one[1] / 1e6:.1f} Mpx/s; scan / one pass {rate / one[1]:.2f}" if one else "")
+          + f"; cuda vs cpu map on 2048^2: max |d| {d:.2e} {'PASSED' if ok else 'FAILED'}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -183,8 +183,22 @@ class ArrayImage(Image):
             self._reopen = (open_npy, (path, 0, spatial_rank))
 
     def _read(self, box) -> np.ndarray:
-        region = np.asarray(self._array[tuple(slice(a, b) for a, b in box)])
+        region = np.array(self._array[tuple(slice(a, b) for a, b in box)])
+        self._release()
         return region if self._channel_axis else region[..., None]
+
+    def _release(self) -> None:
+        """A memory-mapped file's pages, once copied out, leave this process's
+        resident set (they stay in the OS page cache): without this a scan's
+        RSS would grow with every region read, up to the whole file."""
+        mm = getattr(self._array, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise"):
+            import mmap
+
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError, AttributeError):
+                pass
 
 
 def open_npy(path, level: int = 0, spatial_rank: int = 2) -> ArrayImage:
