@@ -290,13 +290,9 @@ def _cmd_check(args, out) -> int:
 
 
 def _read_labels(path) -> list[str]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise Fc2ConvError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise Fc2ConvError(f"{path}: cannot read the labels: {exc}") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    from .heatmap import read_labels
+
+    return read_labels(path)
 
 
 def _destination(path, what: str, sources) -> Path:

@@ -388,3 +388,14 @@ def heatmap(model, image, *, cls: int | None = None, top: int | None = None, out
                    1 if cls is None and top is None else (top or 1), list(labels or []),
                    {"scale": scale, "mean": mean_v.tolist(), "std": std_v.tolist(),
                     "size": list(size) if size else None})
+
+
+def read_labels(path) -> list[str]:
+    """Class names, one a line (heatmap's and scan's --labels)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise Fc2ConvError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Fc2ConvError(f"{path}: cannot read the labels: {exc}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
