@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import __version__, api
 from .errors import Fc2ConvError
-from .save import atomic_write, save
+from .save import atomic_write, destination, save
 
 PROG = "onnx-fc2conv"
 
@@ -295,25 +295,6 @@ def _read_labels(path) -> list[str]:
     return read_labels(path)
 
 
-def _destination(path, what: str, sources) -> Path:
-    """Where a result goes, refused before any work when it cannot be written
-    or would overwrite an input."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise Fc2ConvError(f"{path}: the {what} folder does not exist")
-    if target.is_dir():
-        raise Fc2ConvError(f"{path}: is a directory; give a file name for the {what}")
-    for src in sources:
-        try:
-            same = target.exists() and os.path.samefile(target, src)
-        except OSError:
-            same = False
-        if same:
-            raise Fc2ConvError(f"{path}: the {what} would overwrite the input {src}; choose another name")
-    return target
-
-
 MAX_ZOOM = 64
 
 
@@ -324,8 +305,8 @@ def _cmd_heatmap(args, out) -> int:
     from .heatmap import heatmap
 
     sources = [args.input, args.image]
-    png = _destination(args.png, "picture", sources)
-    js = _destination(args.json_out, "JSON", sources) if args.json_out else None
+    png = destination(args.png, "picture", sources)
+    js = destination(args.json_out, "JSON", sources) if args.json_out else None
     if not 0 < args.zoom <= MAX_ZOOM:
         raise Fc2ConvError(f"--zoom {args.zoom:g}: give a number above 0 and at most {MAX_ZOOM}")
     zoom = int(args.zoom) if args.zoom == int(args.zoom) else args.zoom

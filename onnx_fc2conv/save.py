@@ -216,3 +216,22 @@ def _save_external(model: onnx.ModelProto, path: Path, folder: Path, share_data:
         if tmp_data:
             _unlink(tmp_data)
     return written + sorted(shared)
+
+
+def destination(path, what: str, sources=()) -> Path:
+    """Where a result goes, refused before any work when it cannot be written
+    or would overwrite an input."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise Fc2ConvError(f"{path}: the {what} folder does not exist")
+    if target.is_dir():
+        raise Fc2ConvError(f"{path}: is a directory; give a file name for the {what}")
+    for src in sources:
+        try:
+            same = target.exists() and os.path.samefile(target, src)
+        except OSError:
+            same = False
+        if same:
+            raise Fc2ConvError(f"{path}: the {what} would overwrite the input {src}; choose another name")
+    return target

@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -181,12 +180,9 @@ def _run(out, exists, overwrite, attrs, at, tiling, dense, image, image_path, le
 
 
 def _check_overview_path(path, out) -> None:
-    p = Path(path)
-    folder = p.parent if str(p.parent) else Path(".")
-    if not folder.is_dir():
-        raise Fc2ConvError(f"{path}: the overview folder does not exist")
-    if p.is_dir():
-        raise Fc2ConvError(f"{path}: is a directory; give a file name for the overview")
+    from ..save import destination
+
+    destination(path, "overview")
     import importlib.util
 
     if importlib.util.find_spec("onnx_fc2conv.draw") is None:   # known before an hour of scanning, not after
