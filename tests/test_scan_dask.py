@@ -40,6 +40,25 @@ def test_local_workers_give_the_one_pass_map(tmp_path):
     assert_exact(got, one_pass("models/vgg_small.onnx", pixels)["prob"], "--workers 2")
 
 
+def _worker_settings():
+    import os
+
+    import dask
+
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS"), \
+        dask.config.get("distributed.worker.profile.enabled")
+
+
+def test_local_workers_run_without_profiler_or_malloc_trim():
+    """--workers' LocalCluster: no 10 ms profiler on the task thread and
+    glibc's own mmap threshold (tools/bench_scan.py (c)), one OpenMP thread kept."""
+    from onnx_fc2conv.scanning import engine
+
+    with engine.dask_client(workers=1) as client:
+        settings = list(client.run(_worker_settings).values())
+    assert settings == [(None, "1", False)]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

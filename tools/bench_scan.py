@@ -1,7 +1,7 @@
 """Benchmark ``scan``: four ratios measured side by side in one run, printed as one table.
 
     python tools/bench_scan.py [--model models/vgg_small.onnx] [--big 4096] [--one 2048] [--patch 384]
-                               [--par 2048] [--rss 2000 8000] [--tile 2048] [--reps 2] [--provider cpu|cuda]
+                               [--par 8192] [--rss 2000 8000] [--tile 2048] [--reps 2] [--provider cpu|cuda]
     python tools/bench_scan.py --big 12288 --rss 4000 16000       # the issue's sizes (minutes, ~2.5 GB free RAM)
 
 (a) scan throughput (image pixels per second, model conversion and load included) on a ``--big`` image
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     ap.add_argument("--big", type=int, default=4096, help="(a), (b): the scanned image's side")
     ap.add_argument("--one", type=int, default=2048, help="(a): the one-pass image's side")
     ap.add_argument("--patch", type=int, default=384, help="(b): the patch-wise image's side")
-    ap.add_argument("--par", type=int, default=3072, help="(c): the image's side")
+    ap.add_argument("--par", type=int, default=8192, help="(c): the image's side (large enough that the workers' start and the last tile amortise)")
     ap.add_argument("--rss", type=int, nargs=2, default=[2000, 8000], metavar=("SMALL", "LARGE"))
     ap.add_argument("--tile", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=2)
