@@ -279,3 +279,42 @@ def test_every_score_map_output_gets_its_array(tmp_path):
     assert sorted(group.array_keys()) == ["logits", "prob", store.DONE]
     for name, ref in one_pass(model, pixels).items():
         assert_exact(group[name][...], ref, name)
+
+
+@pytest.mark.parametrize("provider, threads, cores, want", [
+    ("cpu", None, 2, (2, 1)),       # two one-thread lanes on 2 cores
+    ("cpu", None, 16, (2, 8)),      # lanes x threads = cores
+    ("cpu", None, 1, (1, 1)),
+    ("cpu", 2, 2, (1, 2)),          # --threads 2 on 2 cores: one lane, the next tile read ahead
+    ("cpu", 4, 16, (2, 4)),         # never more than two tiles' activations at once
+    ("cuda", None, 16, (1, None)),  # the GPU: one lane
+])
+def test_lanes_split_the_cores(provider, threads, cores, want):
+    from onnx_fc2conv.scanning import engine
+
+    assert engine.lanes_for(provider, threads, cores) == want
+
+
+def test_two_lanes_and_one_lane_give_the_one_pass_map(tmp_path):
+    """The same tiles in one lane (read ahead) and two lanes (two tiles at once on one session)."""
+    from onnx_fc2conv.scanning import engine
+
+    pixels = (np.random.default_rng(5).random((170, 150, 3)) * 255).astype(np.uint8)
+    np.save(tmp_path / "img.npy", pixels)
+    ref = one_pass("models/vgg_small.onnx", pixels)["prob"]
+    for lanes in (1, 2):
+        calls = []
+        real = engine.run_here
+
+        def spy(job, data, todo, on_tile, n, real=real):
+            calls.append(n)
+            return real(job, data, todo, on_tile, lanes)
+
+        engine.run_here = spy
+        try:
+            result = scan("models/vgg_small.onnx", tmp_path / "img.npy", tmp_path / f"o{lanes}.zarr", tile=80)
+        finally:
+            engine.run_here = real
+        assert calls and result.computed == result.tiles > 6
+        got = zarr.open_group(str(tmp_path / f"o{lanes}.zarr"), mode="r")["prob"][...]
+        assert_exact(got, ref, f"{lanes} lane(s)")

@@ -167,9 +167,8 @@ def _run(out, exists, overwrite, attrs, at, tiling, dense, image, image_path, le
           + (f" ({resumed} done already)" if resumed else ""))
     progress(resumed, total, 0)
     if client is None:
-        if threads is None:
-            job.threads = None if provider != "cpu" else (os.cpu_count() or 1)
-        seconds = engine.run_here(job, dense.data, todo, on_tile)
+        lanes, job.threads = engine.lanes_for(provider, threads)
+        seconds = engine.run_here(job, dense.data, todo, on_tile, lanes)
     else:
         if workers is not None and threads is None:
             job.threads = max(1, (os.cpu_count() or 1) // workers)

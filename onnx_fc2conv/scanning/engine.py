@@ -10,20 +10,21 @@ a dask worker loads the dense model once however many tiles it runs.
 
 Threads: onnxruntime's intra-op threads are ``cores // N`` for N local
 workers (each with one dask thread), so N x threads = cores; in this process
-alone, all cores, with the next tile read in a second thread while this one
-runs. On a remote cluster each worker process uses ``cores // nthreads`` of
+alone, two tiles in flight on one session (two lanes, ``cores // 2`` threads
+each; :func:`lanes_for`). On a remote cluster each worker process uses ``cores // nthreads`` of
 its machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -102,12 +103,14 @@ class Worker:
         group = store.zarr().open_group(job.out, mode="r+")
         self.arrays = {o: group[o] for o in job.dense.outputs}
         self.flags = group[store.DONE]
+        self.reading = threading.Lock()
         self.cuda = job.provider == "cuda"
 
     def read(self, t) -> np.ndarray:
         """The model's input for tile ``t`` (raises Fc2ConvError naming an unreadable region)."""
         box = self.job.tiling.read(t)
-        pixels = self.image.read(box)
+        with self.reading:            # lanes take turns in the reader (not every reader is thread-safe)
+            pixels = self.image.read(box)
         return model_mod.to_input(pixels, self.job.dense, self.job.prep)
 
     def infer(self, x: np.ndarray) -> list:
@@ -185,21 +188,62 @@ def run_tile(job: Job, data: bytes, image, t) -> tuple:
 
 # --------------------------------------------------------------- engines ---
 
-def run_here(job: Job, data: bytes, todo: list, on_tile) -> float:
-    """Tiles in this process, the next one read while this one runs; returns
-    the seconds from loading the model to the last tile written."""
+LANES = 2      # tiles in flight at once in this process, on the CPU
+
+
+def lanes_for(provider: str, threads: int | None, cores: int | None = None) -> tuple:
+    """``(lanes, threads)`` for a scan in this process: two tiles in flight,
+    the cores split between them (lanes x threads = cores), or as many
+    lanes as ``threads`` leaves cores for. One lane on a GPU (its next tile
+    is read while this one runs). Two one-thread lanes beat one two-thread
+    session on 2 cores: each tile's reading, preprocessing and writing
+    overlap the other's inference, and onnxruntime's own thread pool
+    scales less well than independent runs (tools/bench_scan.py (c))."""
+    cores = cores or os.cpu_count() or 1
+    if provider != "cpu":
+        return 1, threads
+    if threads is None:
+        lanes = max(1, min(LANES, cores))
+        return lanes, max(1, cores // lanes)
+    return max(1, min(LANES, cores // max(1, threads))), threads
+
+
+def run_here(job: Job, data: bytes, todo: list, on_tile, lanes: int = 1) -> float:
+    """Tiles in this process; returns the seconds from loading the model to
+    the last tile written. ``lanes`` tiles run at once on one session (its
+    weights held once; onnxruntime runs concurrent calls, each on its own
+    ``job.threads``); with one lane the next tile is read while this one runs."""
     t0 = time.perf_counter()
     worker = Worker(job, data)
     if not todo:
         return time.perf_counter() - t0
-    with ThreadPoolExecutor(1, thread_name_prefix="scan-read") as reader:
-        ahead = reader.submit(worker.read, todo[0])
-        for i, t in enumerate(todo):
-            x = ahead.result()
-            if i + 1 < len(todo):
-                ahead = reader.submit(worker.read, todo[i + 1])
-            worker.write(t, worker.infer(x))
-            on_tile(t, pixels_of(job.tiling, t))
+    if lanes <= 1:
+        with ThreadPoolExecutor(1, thread_name_prefix="scan-read") as reader:
+            ahead = reader.submit(worker.read, todo[0])
+            for i, t in enumerate(todo):
+                x = ahead.result()
+                if i + 1 < len(todo):
+                    ahead = reader.submit(worker.read, todo[i + 1])
+                worker.write(t, worker.infer(x))
+                on_tile(t, pixels_of(job.tiling, t))
+        return time.perf_counter() - t0
+    pool = ThreadPoolExecutor(lanes, thread_name_prefix="scan-lane")
+    pending = {}
+    queue = iter(todo)
+    try:
+        for t in itertools.islice(queue, lanes):
+            pending[pool.submit(worker.run, t)] = t
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                t = pending.pop(f)
+                pixels = f.result()          # an unreadable region stops the scan here
+                on_tile(t, pixels)
+                for nxt in itertools.islice(queue, 1):
+                    pending[pool.submit(worker.run, nxt)] = nxt
+    finally:
+        # finish (and so keep) the tile still running, start no other
+        pool.shutdown(wait=True, cancel_futures=True)
     return time.perf_counter() - t0
 
 
