@@ -12,7 +12,7 @@ M=models/vgg_small.onnx
 echo "== 1. clean scan (in this process), peak RSS"
 rm -rf bench-out/clean.zarr
 /usr/bin/time -f "wall %e s, peak RSS %M KiB" python -m onnx_fc2conv scan $M $IMG -o bench-out/clean.zarr 2>&1 | tr '\r' '\n' | grep -v "^scan: .*%|" ; 
-echo "== 2. killed with kill -9 after 12 s, then --resume"
+echo "== 2. killed with kill -9 after 12 s, then --resume --check (sampled regions vs one pass)"
 rm -rf bench-out/kill.zarr
 python -m onnx_fc2conv scan $M $IMG -o bench-out/kill.zarr -q & P=$!
 sleep 12; kill -9 $P; wait $P; echo "killed: exit $?"
@@ -20,7 +20,7 @@ python - <<'PY'
 import zarr; g=zarr.open_group("bench-out/kill.zarr", mode="r"); f=g["tiles_done"][...]; print(f"after kill -9: {int(f.sum())} of {f.size} tiles flagged done")
 PY
 echo "-- without --resume (must be refused):"; python -m onnx_fc2conv scan $M $IMG -o bench-out/kill.zarr; echo "exit $?"
-/usr/bin/time -f "wall %e s, peak RSS %M KiB" python -m onnx_fc2conv scan $M $IMG -o bench-out/kill.zarr --resume 2>&1 | tr '\r' '\n' | grep -v "^scan: .*%|"
+/usr/bin/time -f "wall %e s, peak RSS %M KiB" python -m onnx_fc2conv scan $M $IMG -o bench-out/kill.zarr --resume --check 2>&1 | tr '\r' '\n' | grep -v "^scan: .*%|"
 echo "== 3. a local dask scheduler and two worker processes"
 rm -rf bench-out/dask.zarr
 PORT=8799
