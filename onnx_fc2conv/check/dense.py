@@ -119,7 +119,7 @@ def check_dense(original, converted, *, provider="cpu", atol=None, rtol=None, in
     ModelProtos; a path is read here and its graph dropped once cut)."""
     overrides = input_shapes or {}
     runner = runner or Runner(provider)
-    orig = original if isinstance(original, onnx.ModelProto) else load(original, check=False).model
+    orig = original if isinstance(original, onnx.ModelProto) else load(original, check=False, weights_in_file=True).model
     with Step("dense", "analysis"):
         infos = shapes_mod.infer(orig, overrides)
         fill(orig, infos, overrides)   # shapes ONNX inference leaves unknown, read as convert read them

@@ -162,7 +162,7 @@ class Runner:
         if isinstance(model, Light):
             return model
         if not isinstance(model, onnx.ModelProto):
-            model = load(model, check=False).model
+            model = load(model, check=False, weights_in_file=True).model
         values, inits = {}, []
         for t in model.graph.initializer:
             if _shared(t) and not _is_header(t):
