@@ -292,11 +292,11 @@ def check_result(result: ConversionResult, provider: str = "cpu", inputs=None, a
         if inputs is not None:
             raise Fc2ConvError("--inputs is not used by the dense check, which makes its own larger inputs; "
                                "leave it out")
-        return check_convolutional(load_mod.load(result.source, check=False).model, result.model,
+        return check_convolutional(load_mod.load(result.source, check=False, weights_in_file=True).model, result.model,
                                              result.maps, provider=provider, atol=atol, rtol=rtol,
                                              input_shapes=result.input_shapes)
     original = result.source if result.source is not None else result.original_io
-    return _dispatch(original, lambda: load_mod.load(result.source, check=False).model, result.model, result.model,
+    return _dispatch(original, lambda: load_mod.load(result.source, check=False, weights_in_file=True).model, result.model, result.model,
                      dense=result.dense and result.changed, provider=provider, inputs=inputs, atol=atol, rtol=rtol,
                      input_shapes=result.input_shapes, original_io=result.original_io, dense_stride=dense_stride,
                      keep_global_pools=keep_global_pools)

@@ -30,7 +30,17 @@ class Loaded:
     path: Path | None          # where it came from, if a file
 
 
-def load(source, *, check: bool = True) -> Loaded:
+def load(source, *, check: bool = True, weights_in_file: bool = False) -> Loaded:
+    """``weights_in_file`` (a path, a model read again that was validated
+    before: the check's): the large initializers are not parsed; each
+    becomes an external tensor over its bytes inside the .onnx file itself
+    (:func:`_weights_in_file`), read only by whoever needs its value."""
+    if weights_in_file and not isinstance(source, onnx.ModelProto):
+        light = _weights_in_file(Path(source))
+        if light is not None:
+            if check:
+                _check(light, str(source))
+            return Loaded(light, Path(source))
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -64,6 +74,123 @@ def load(source, *, check: bool = True) -> Loaded:
     if check:
         _check(model, str(path))
     return Loaded(model, path)
+
+
+# --- reading a model with its weights left in the file -----------------------
+# ModelProto.graph = 7, GraphProto.initializer = 5; TensorProto: segment = 3,
+# raw_data = 9, external_data = 13, data_location = 14.
+_IN_FILE_MIN = 1 << 16   # bytes: above shapes._SMALL elements of any type, so shape inference sees the same
+
+
+class _Unusual(Exception):
+    """A layout the scan does not handle (a group, a field twice): parse it whole."""
+
+
+def _varint(buf, pos: int):
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise _Unusual
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        out.append(b | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _fields(buf, start: int, end: int):
+    """(field, wire type, start of the tag, start of the value, end) of each field of a message."""
+    pos = start
+    while pos < end:
+        tag = pos
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        value = pos
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 2:
+            n, value = _varint(buf, pos)
+            pos = value + n
+        elif wire == 5:
+            pos += 4
+        else:
+            raise _Unusual
+        if pos > end:
+            raise _Unusual
+        yield field, wire, tag, value, pos
+
+
+def _delimited(field: int, payload) -> bytes:
+    return _encode_varint(field << 3 | 2) + _encode_varint(len(payload)) + bytes(payload)
+
+
+def _weights_in_file(path: Path) -> onnx.ModelProto | None:
+    """``path`` parsed without the raw bytes of its large initializers (of
+    ``_IN_FILE_MIN`` bytes or more): each becomes an external tensor whose
+    location is the .onnx file itself at the offset of those bytes, the form
+    of a loaded external-data model (``external_bytes``, ``graph.tensor_value``
+    and the check's runner read it). The file is scanned, not parsed: no copy
+    of the weights is made here. None where the file is not plain (the caller
+    then parses it whole, with its usual errors)."""
+    import mmap
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            spans, head, graphs = [], bytearray(), 0
+            for field, wire, tag, value, end in _fields(buf, 0, len(buf)):
+                if field != 7 or wire != 2:
+                    head += buf[tag:end]
+                    continue
+                graphs += 1
+                graph = bytearray()
+                for gfield, gwire, gtag, gvalue, gend in _fields(buf, value, end):
+                    if gfield != 5 or gwire != 2:
+                        graph += buf[gtag:gend]
+                        continue
+                    fields = list(_fields(buf, gvalue, gend))
+                    raws = [fd for fd in fields if fd[0] == 9]
+                    plain = not any(fd[0] in (3, 13, 14) for fd in fields)
+                    if len(raws) == 1 and raws[0][1] == 2 and plain and raws[0][4] - raws[0][3] >= _IN_FILE_MIN:
+                        raw = raws[0]
+                        spans.append((raw[3], raw[4] - raw[3]))
+                        graph += _delimited(5, b"".join(buf[fd[2]:fd[4]] for fd in fields if fd is not raw))
+                    else:
+                        spans.append(None)
+                        graph += buf[gtag:gend]
+                head += _delimited(7, graph)
+    except (OSError, ValueError, _Unusual):
+        return None
+    if graphs != 1 or not any(spans):
+        return None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(bytes(head))
+    except (DecodeError, RuntimeError, ValueError):
+        return None
+    if len(model.graph.initializer) != len(spans) or not model.graph.node:
+        return None
+    _load_external(model, path)   # the file's own external tensors, validated as by load
+    location = str(path.resolve())
+    for t, span in zip(model.graph.initializer, spans):
+        if span is not None:
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for key, v in (("location", location), ("offset", str(span[0])), ("length", str(span[1]))):
+                e = t.external_data.add()
+                e.key, e.value = key, v
+    return model
 
 
 def _external_tensors(model: onnx.ModelProto):

@@ -355,3 +355,50 @@ def test_absolute_location_is_a_folder(external_src, tmp_path):
     m = _absolute(_header(src), tmp_path.parent, tmp_path.name)
     with pytest.raises(Fc2ConvError, match="is not a file"):
         onnx_fc2conv.convert(m)
+
+
+# -- the check's reading of an original: weights left in the .onnx file ------
+
+def _tensors(m: onnx.ModelProto) -> dict:
+    return {t.name: (t.data_type, list(t.dims), graph.tensor_value(t).tobytes()) for t in m.graph.initializer}
+
+
+def test_weights_in_file_reads_what_load_reads(tmp_path):
+    from builders import head_model
+
+    model = head_model(feature_shape=(16, 8, 8), m1=32, fc="gemm_tb1")   # a 32x1024 FC: 128 KiB
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, path)
+    full = load_mod.load(path, check=False).model
+    light = load_mod.load(path, check=False, weights_in_file=True).model
+    in_file = [t for t in light.graph.initializer if extdata.is_external(t)]
+    assert in_file and all(extdata.external_info(t)["location"] == str(path.resolve()) for t in in_file)
+    assert light.ByteSize() < full.ByteSize() // 4         # the weights were not parsed
+    assert _tensors(light) == _tensors(full)                # every value, byte for byte, from its offset
+    assert sum(len(t.raw_data) for t in light.graph.initializer) < 1 << 16
+    for m in (full, light):
+        m.graph.ClearField("initializer")
+    assert light.SerializeToString() == full.SerializeToString()
+    # a check of the converted model against that file runs and passes
+    converted = onnx_fc2conv.convert(path).model
+    assert onnx_fc2conv.check(path, converted)
+
+
+def test_weights_in_file_keeps_a_data_files_tensors(external_src):
+    src, _ = external_src
+    full = load_mod.load(src, check=False).model
+    light = load_mod.load(src, check=False, weights_in_file=True).model
+    assert light.SerializeToString() == full.SerializeToString()   # nothing inline to leave: the plain load
+
+
+def test_weights_in_file_truncated_file_is_refused_as_by_load(tmp_path):
+    from builders import head_model
+
+    path = tmp_path / "m.onnx"
+    data = head_model(feature_shape=(16, 8, 8), m1=32, fc="gemm_tb1").SerializeToString()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(Fc2ConvError) as plain:
+        load_mod.load(path, check=False)
+    with pytest.raises(Fc2ConvError) as light:
+        load_mod.load(path, check=False, weights_in_file=True)
+    assert str(light.value) == str(plain.value)

@@ -45,6 +45,11 @@ for at least two such positions; the other axes stay native. Global pools the
 plan keeps global make every position depend on the whole image by design:
 the test then does not apply and the report says so.
 
+The trunk's maps ``T`` come from the dense model's own runs (extra outputs)
+where it computes them with the original trunk's nodes, inputs and weights,
+byte for byte (``_same_trunk``): the same computation, one run fewer per
+size. Otherwise the original's trunk runs on its own.
+
 Outputs are compared as in the keep check (compare.py), quantized outputs in
 quantization steps. Memory: the sessions share one store of weights
 (run.py), the analysis of the original is dropped before any session runs,
@@ -68,7 +73,7 @@ from ..graph import node_key
 from ..load import load
 from .compare import CheckReport, Comparisons, quant_steps
 from .keep import check_models
-from .run import Light, Runner, Step, np_dtype, random_inputs, run
+from .run import Light, Runner, Step, _same_bytes, np_dtype, random_inputs, run
 
 MAX_POSITIONS = 48
 # The shift test enlarges one axis at a time up to this many times its native
@@ -119,7 +124,7 @@ def check_dense(original, converted, *, provider="cpu", atol=None, rtol=None, in
     ModelProtos; a path is read here and its graph dropped once cut)."""
     overrides = input_shapes or {}
     runner = runner or Runner(provider)
-    orig = original if isinstance(original, onnx.ModelProto) else load(original, check=False).model
+    orig = original if isinstance(original, onnx.ModelProto) else load(original, check=False, weights_in_file=True).model
     with Step("dense", "analysis"):
         infos = shapes_mod.infer(orig, overrides)
         fill(orig, infos, overrides)   # shapes ONNX inference leaves unknown, read as convert read them
@@ -137,13 +142,21 @@ def check_dense(original, converted, *, provider="cpu", atol=None, rtol=None, in
     native_shapes = {n: _concrete(facts, n, batch) for n in facts.in_infos}
     with Step("dense", "session"):
         s_orig = runner.session(parts["original"], "the original model")
+    with Step("dense", "session"):
+        conv_light = runner.light(converted)
+        # the trunk's maps from the dense model's own runs where it computes
+        # them with the original trunk's nodes, weights and inputs (bit for bit
+        # the same computation); else the original's trunk runs on its own
+        shared = _same_trunk(conv_light, parts["trunk"], parts["trunk_outputs"])
     try:
-        s_dense = runner.session(converted, "the dense model", reuse=True)
+        s_dense = runner.session(converted, "the dense model", reuse=True,
+                                 outputs=parts["trunk_outputs"] if shared else (), light=conv_light)
     except Fc2ConvError as exc:
         return CheckReport(False, provider, 0, native_shapes, [], [str(exc)], "dense")
+    del conv_light
     _native(facts, s_orig, s_dense, native_shapes, seed, parts["original"].model, found, errors)
     with Step("dense", "session"):
-        s_trunk = runner.session(parts["trunk"], "the original's trunk")
+        s_trunk = None if shared else runner.session(parts["trunk"], "the original's trunk")
         s_heads = [runner.session(light, "the original's head") for light in parts["heads"]]
     crops = _Crops(facts, runner, parts, s_orig, native_shapes)
     for size in facts.sizes:
@@ -156,7 +169,7 @@ def check_dense(original, converted, *, provider="cpu", atol=None, rtol=None, in
                           f"{ {k: list(v.shape) for k, v in feeds.items()} }: {str(exc).splitlines()[0]}")
             continue
         with Step("dense", "trunk"):
-            t_out = run(s_trunk, feeds)
+            t_out = dense_out if s_trunk is None else run(s_trunk, feeds)
         label = "x".join(str(shapes[n][a]) for n in facts.image_inputs for a in sorted(facts.image_inputs[n]))
         for h, s_head in zip(facts.heads, s_heads):
             positions = _windows(facts, h, s_head, t_out[h.source], dense_out, label, rng, found, errors)
@@ -230,6 +243,48 @@ def _cut(orig: onnx.ModelProto, infos, heads, layers, overrides, runner: Runner)
                    if n in read and n != h.source]
         head_parts.append(_part(whole, nodes, inputs, [_vi(o, out_types[o], None) for o in h.outputs]))
     return facts, {"original": whole, "trunk": trunk, "trunk_outputs": trunk_outputs, "heads": head_parts}
+
+
+def _same_trunk(dense: Light, trunk: Light, outputs) -> bool:
+    """Whether the dense model computes ``outputs`` (the trunk's maps) with
+    the nodes of the original's trunk, byte for byte, from the same graph
+    inputs (name and type) and the same weights (bytes): then onnxruntime
+    runs the same kernels on the same values, and the dense model's own
+    run gives the maps the trunk's run would. Anything else (a node that
+    differs, a subgraph, another opset) is answered False: the trunk runs."""
+    model = dense.model
+    produced = {o for n in model.graph.node for o in n.output}
+    if any(t not in produced for t in outputs):
+        return False
+    mine = _cone(model, outputs, set())
+    theirs = list(trunk.model.graph.node)
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in mine for a in n.attribute):
+        return False
+    if sorted(n.SerializeToString() for n in mine) != sorted(n.SerializeToString() for n in theirs):
+        return False
+    if sorted((o.domain, o.version) for o in model.opset_import) != \
+            sorted((o.domain, o.version) for o in trunk.model.opset_import) or \
+            len(model.functions) != len(trunk.model.functions) or any(
+            a.SerializeToString() != b.SerializeToString() for a, b in zip(model.functions, trunk.model.functions)):
+        return False
+    made = {o for n in mine for o in n.output}
+    read = {i for n in mine for i in n.input if i and i not in made}
+    inits = [{t.name: t for t in m.graph.initializer} for m in (model, trunk.model)]
+    inputs = [{i.name: i.type.tensor_type.elem_type for i in m.graph.input} for m in (model, trunk.model)]
+    for name in read:
+        a, b = (m.get(name) for m in inits)
+        if (a is None) != (b is None):
+            return False
+        if a is None:   # a graph input of both, of one type
+            if name not in inputs[0] or inputs[0][name] != inputs[1].get(name):
+                return False
+        elif name in dense.values or name in trunk.values:
+            va, vb = dense.values.get(name), trunk.values.get(name)
+            if va is None or vb is None or va.shape != vb.shape or not _same_bytes(va, vb):
+                return False
+        elif a.SerializeToString() != b.SerializeToString():
+            return False
+    return True
 
 
 def _cone(model: onnx.ModelProto, outputs, stop) -> list[onnx.NodeProto]:

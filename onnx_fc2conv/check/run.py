@@ -162,7 +162,7 @@ class Runner:
         if isinstance(model, Light):
             return model
         if not isinstance(model, onnx.ModelProto):
-            model = load(model, check=False).model
+            model = load(model, check=False, weights_in_file=True).model
         values, inits = {}, []
         for t in model.graph.initializer:
             if _shared(t) and not _is_header(t):
@@ -176,22 +176,31 @@ class Runner:
                 inits.append(t)
         return Light(copy_without(model, inits), values)
 
-    def session(self, model, what: str = "the model", reuse: bool = False):
+    def session(self, model, what: str = "the model", reuse: bool = False, outputs=(), light: Light | None = None):
         """An onnxruntime session of ``model`` (a ModelProto, a Light or a path)
         on exactly the provider asked for. ``reuse``: the same session for the
         same model object when another step asks for it again (the runner
-        then keeps it as long as it lives)."""
+        then keeps it as long as it lives; the first asker's ``outputs``
+        stand). ``outputs``: tensors of the graph that the session returns
+        too, after its own outputs. ``light``: ``model``'s light form, made
+        already."""
         if reuse and id(model) in self._reused:
             return self._reused[id(model)][1]
-        sess = self._session(model, what)
+        sess = self._session(light or model, what, outputs)
         if reuse:
             self._reused[id(model)] = (model, sess)   # the model is held, so its id is not reused
         return sess
 
-    def _session(self, model, what: str):
+    def _session(self, model, what: str, outputs=()):
         import onnxruntime as ort
 
         light = self.light(model)
+        have = {o.name for o in light.model.graph.output}
+        extra = [t for t in outputs if t not in have]
+        if extra:
+            wider = copy_without(light.model, light.model.graph.initializer)   # headers: small
+            wider.graph.output.extend(onnx.ValueInfoProto(name=t) for t in extra)
+            light = Light(wider, light.values)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.log_severity_level = 4  # errors come back as exceptions; the C++ logger must not print them
