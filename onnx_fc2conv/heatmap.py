@@ -240,10 +240,10 @@ def one_pass_bytes(prep: Prepared, h: int, w: int) -> int | None:
     activations alive at once (while a node runs: the image, its inputs and
     outputs, and every earlier tensor a later node still reads), the working
     set of a pass whose planner reuses buffers that are dead. onnxruntime's
-    arena adds to it (peak RSS of the run, measured: vgg_small 294 MB at 2048²
-    for 319 MB estimated, digits 417 MB at 1024² for 270 MB;
-    tests/test_heatmap.py keeps the ratio within 0.5..2). None when inference
-    cannot tell the sizes."""
+    arena adds to it (the run's peak RSS plus its input, measured here:
+    vgg_small 344 MB at 2048² and 1376 MB at 4096² for 319 and 1275 MB
+    estimated, digits 422 MB at 1024² for 270 MB; tests/test_heatmap.py keeps
+    the ratio within 0.5..2). None when inference cannot tell the sizes."""
     from . import shapes
 
     dims = [1, prep.channels, h, w] if prep.layout == "NCHW" else [1, h, w, prep.channels]
