@@ -172,7 +172,7 @@ def parse_channels(text, what: str, channels: int) -> np.ndarray:
     return arr
 
 
-def read_image(path, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+def read_image(path, channels: int, size: tuple[int, int] | None = None, model=None) -> np.ndarray:
     """Pixels [H, W, channels] as stored (uint8 0..255 for 8-bit images).
 
     A gray model takes gray images (and colour images whose pixels are all
@@ -206,7 +206,7 @@ def read_image(path, channels: int, size: tuple[int, int] | None = None) -> np.n
     except Fc2ConvError:
         raise
     except Image.DecompressionBombError as exc:
-        raise Fc2ConvError(f"{path}: {exc}") from None
+        raise _bomb(path, exc, model) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         why = "not an image Pillow can read" if isinstance(exc, Image.UnidentifiedImageError) else \
             f"cannot read the image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
@@ -230,6 +230,128 @@ def preprocess(pixels: np.ndarray, prep: Prepared, scale: float, mean: np.ndarra
     x = x.transpose(2, 0, 1) if prep.layout == "NCHW" else x
     return x[None].astype(helper.tensor_dtype_to_np_dtype(prep.elem_type))
 
+
+
+# -------------------------------------------------------------- memory ---
+
+def one_pass_bytes(prep: Prepared, h: int, w: int) -> int | None:
+    """The memory one onnxruntime pass of the dense model needs on an ``h x w``
+    image, estimated from shape inference at that size: the most bytes of
+    activations alive at once (while a node runs: the image, its inputs and
+    outputs, and every earlier tensor a later node still reads), the working
+    set of a pass whose planner reuses buffers that are dead. onnxruntime's
+    arena adds to it (the run's peak RSS plus its input, measured here:
+    vgg_small 344 MB at 2048² and 1376 MB at 4096² for 319 and 1275 MB
+    estimated, digits 422 MB at 1024² for 270 MB; tests/test_heatmap.py keeps
+    the ratio within 0.5..2). None when inference cannot tell the sizes."""
+    from . import shapes
+
+    dims = [1, prep.channels, h, w] if prep.layout == "NCHW" else [1, h, w, prep.channels]
+    try:
+        infos = shapes.infer(prep.model, {prep.input: dims})
+    except Fc2ConvError:
+        return None
+    graph = prep.model.graph
+    consts = {t.name for t in graph.initializer}
+
+    def nbytes(name):
+        info = infos.get(name)
+        if name in consts or info is None or not info.static():
+            return 0
+        n = 1
+        for d in info.shape:
+            n *= d
+        return n * helper.tensor_dtype_to_np_dtype(info.elem_type).itemsize
+
+    last = {}                                   # tensor -> index of the last node that reads it
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            last[name] = i
+    outputs = {o.name for o in graph.output}
+    if prep.input not in infos or not infos[prep.input].static():
+        return None
+    live = {prep.input: nbytes(prep.input)}
+    peak = sum(live.values())
+    for i, node in enumerate(graph.node):
+        for name in node.output:
+            if name:
+                live[name] = nbytes(name)
+        peak = max(peak, sum(live.values()))
+        for name in [n for n in live if n != prep.input and n not in outputs and last.get(n, -1) <= i]:
+            del live[name]
+    return peak
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable (or the free pages),
+    less a cgroup's limit where one is tighter; None when unknown."""
+    free = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+                break
+    except OSError:
+        pass
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            free = min(free, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
+
+
+def scan_command(model, image) -> str:
+    """The ``scan`` command that maps ``image`` tile by tile, in bounded memory."""
+    m = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "MODEL.onnx"
+    i = os.fspath(image) if isinstance(image, (str, os.PathLike)) else "IMAGE"
+    return f"onnx-fc2conv scan {m} {i} -o {Path(i).stem}.zarr"
+
+
+def too_large(why: str, model, image) -> Fc2ConvError:
+    """The one line for an image too large for one pass: why, and the scan command."""
+    return Fc2ConvError(f"{why}; map it tile by tile in bounded memory with: {scan_command(model, image)}")
+
+
+def _bomb(path, exc, model) -> Fc2ConvError:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return too_large(f"{path}: Pillow refuses it as a possible decompression bomb ({first}), and heatmap "
+                     "decodes an image whole", model, path)
+
+
+def image_size(path, model=None) -> tuple[int, int] | None:
+    """(H, W) from the image's header, without decoding it; None when Pillow
+    cannot tell (read_image then says why)."""
+    Image = pillow()
+    try:
+        with Image.open(path) as img:
+            return img.size[1], img.size[0]
+    except Image.DecompressionBombError as exc:
+        raise _bomb(path, exc, model) from None
+    except Exception:  # noqa: BLE001  (read_image reports the file's problem in its own words)
+        return None
+
+
+def check_memory(prep: Prepared, h: int, w: int, model, image) -> None:
+    """Refuse, naming ``scan``, an image whose one pass needs more memory than is free."""
+    need = one_pass_bytes(prep, h, w)
+    free = available_memory()
+    log.info("one pass on %dx%d: about %s of activations; %s free", h, w,
+             "?" if need is None else _gb(need), "?" if free is None else _gb(free))
+    if need is not None and free is not None and need > free:
+        raise too_large(f"{image}: one pass of the dense model over this {h}x{w} image needs about {_gb(need)} "
+                        f"and {_gb(free)} is free", model, image)
 
 
 # --------------------------------------------------------------- result ---
@@ -355,7 +477,10 @@ def heatmap(model, image, *, cls: int | None = None, top: int | None = None, out
     prep = prepare(model, dense_stride=dense_stride, input_shapes=input_shapes, output=output)
     mean_v = parse_channels(mean, "--mean", prep.channels)
     std_v = parse_channels(std, "--std", prep.channels)
-    pixels = read_image(image, prep.channels, size)
+    hw = tuple(size) if size else image_size(image, model)
+    if hw is not None and provider == "cpu":   # (a GPU's memory is not this machine's: its allocation error says)
+        check_memory(prep, *hw, model, image)
+    pixels = read_image(image, prep.channels, size, model)
     x = preprocess(pixels, prep, scale, mean_v, std_v)
     h, w = pixels.shape[:2]
     progress(f"running the dense model on {h}x{w} pixels ({provider})")
@@ -366,6 +491,10 @@ def heatmap(model, image, *, cls: int | None = None, top: int | None = None, out
     try:
         values = sess.run(names, {prep.input: x})
     except Exception as exc:  # onnxruntime's message says which dim does not fit
+        why = _out_of_memory(exc)
+        if why:
+            raise too_large(f"{image}: onnxruntime ran out of memory running the dense model on this {h}x{w} "
+                            f"image ({why})", model, image) from None
         g = prep.maps[output or names[0]]
         rf = "x".join(str(a.receptive_field) for a in g.axes)
         raise Fc2ConvError(f"{image}: onnxruntime cannot run the dense model on this {h}x{w} image "
@@ -388,6 +517,20 @@ def heatmap(model, image, *, cls: int | None = None, top: int | None = None, out
                    1 if cls is None and top is None else (top or 1), list(labels or []),
                    {"scale": scale, "mean": mean_v.tolist(), "std": std_v.tolist(),
                     "size": list(size) if size else None})
+
+
+def _out_of_memory(exc: BaseException) -> str:
+    """What failed, when onnxruntime's error is a failed allocation (its CPU
+    arena's or CUDA's); "" otherwise."""
+    if isinstance(exc, MemoryError):
+        return "MemoryError"
+    text = " ".join(str(exc).split())
+    low = text.lower()
+    for key in ("failed to allocate", "bad_alloc", "bad allocation", "out of memory", "cannot allocate memory"):
+        at = low.find(key)
+        if at >= 0:
+            return text[at:at + 120]
+    return ""
 
 
 def read_labels(path) -> list[str]:

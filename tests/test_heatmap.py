@@ -528,3 +528,95 @@ def test_output_refusals_exit_2_with_one_line(case, tmp_path, capsys):
     if case == "no probabilities":
         code, stdout, err = run(["heatmap", model, img, "-o", out, "--output", "score"], capsys)
         assert code == 0 and out.exists(), err
+
+
+# ------------------------------------------- images too large for one pass ---
+
+MEASURE = """
+import sys
+import numpy as np
+from onnx_fc2conv.check.run import session
+from onnx_fc2conv.heatmap import one_pass_bytes, prepare
+def status(key):
+    return next(int(ln.split()[1]) * 1024 for ln in open("/proc/self/status") if ln.startswith(key + ":"))
+prep = prepare(sys.argv[1])
+n = int(sys.argv[2])
+shape = (1, prep.channels, n, n) if prep.layout == "NCHW" else (1, n, n, prep.channels)
+x = np.random.default_rng(0).random(shape, dtype=np.float32)
+sess = session(prep.model, "cpu", "the dense model")
+open("/proc/self/clear_refs", "w").write("5")     # the peak (VmHWM) starts again from here
+before = status("VmRSS")
+sess.run(None, {prep.input: x})
+print(status("VmHWM") - before + x.nbytes, one_pass_bytes(prep, n, n))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures the resident set from /proc (Linux)")
+@pytest.mark.parametrize("model,n", [(VGG, 1024), (DIGITS, 512)], ids=["vgg_small-1024", "digits-512"])
+def test_one_pass_memory_estimate_is_within_2x_of_the_measured_peak(model, n):
+    """The estimate heatmap compares with free memory, against the peak RSS one onnxruntime pass adds (the input
+    counted in both), in a fresh process, the peak reset just before the run."""
+    r = subprocess.run([sys.executable, "-c", MEASURE, str(model), str(n)], cwd=ROOT, capture_output=True, text=True,
+                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    measured, estimate = map(int, r.stdout.split())
+    assert 0.5 <= measured / estimate <= 2, (measured, estimate)
+
+
+def _one_line_naming_scan(code, err, model, image, *needles):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"onnx-fc2conv scan {model} {image} -o {Path(image).stem}.zarr" in lines[0], lines[0]
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_an_image_too_large_for_free_memory_points_to_scan(tmp_path, capsys, monkeypatch):
+    from onnx_fc2conv import heatmap as hm
+
+    image = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 128), dtype=np.uint8)).save(image)
+    out, js = tmp_path / "out.png", tmp_path / "o.json"
+    argv = ["heatmap", DIGITS, image, "-o", out, "--json", js]
+    monkeypatch.setattr(hm, "available_memory", lambda: 300_000)
+    code, _, err = run(argv, capsys)
+    _one_line_naming_scan(code, err, DIGITS, image, "one pass of the dense model over this 96x128 image needs about",
+                          "and 0.30 MB is free")
+    assert not out.exists() and not js.exists()
+    need = hm.one_pass_bytes(hm.prepare(DIGITS), 96, 128)
+    monkeypatch.setattr(hm, "available_memory", lambda: need)     # just enough: it runs
+    assert run(argv, capsys)[0] == 0 and out.exists()
+
+
+def test_a_decompression_bomb_points_to_scan(tmp_path, capsys, monkeypatch):
+    image = tmp_path / "bomb.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(image)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)    # Pillow refuses above twice this
+    code, _, err = run(["heatmap", DIGITS, image, "-o", tmp_path / "out.png"], capsys)
+    _one_line_naming_scan(code, err, DIGITS, image, "decompression bomb")
+    assert not (tmp_path / "out.png").exists()
+
+
+OOM = """
+import os, resource, sys
+from onnx_fc2conv import cli
+import onnx_fc2conv.check.run, onnx_fc2conv.draw, onnx_fc2conv.heatmap, onnxruntime, PIL.Image  # loaded before
+resource.setrlimit(resource.RLIMIT_STACK, (1 << 20, 1 << 20))   # onnxruntime's threads: small stacks
+vm = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+limit = vm + (100 << 20)      # the 1024^2 pass needs about 80 MB of activations, the picture more
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="limits the address space (Linux)")
+def test_onnxruntime_out_of_memory_points_to_scan(tmp_path):
+    """A real allocation failure inside onnxruntime (the address space limited): one line naming scan."""
+    image = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "out.png"
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "MALLOC_ARENA_MAX": "1"}
+    r = subprocess.run([sys.executable, "-c", OOM, "heatmap", str(VGG), str(image), "-o", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, env=env, timeout=120)
+    _one_line_naming_scan(r.returncode, r.stderr, VGG, image, "onnxruntime ran out of memory", "1024x1024")
+    assert not out.exists()

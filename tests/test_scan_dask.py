@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import zarr
 import distributed
 
@@ -121,3 +122,45 @@ def test_scheduler_with_two_workers_one_killed_mid_scan(tmp_path, cluster):
     group = zarr.open_group(str(out), mode="r")
     assert store.done_flags(group).all()
     assert_exact(group["prob"][...], one_pass("models/vgg_small.onnx", pixels)["prob"], "--scheduler")
+
+
+def _truncated_tiff(path, shape=(256, 256)):
+    """A tiled TIFF cut in half (the lower tiles unreadable), and its pixels to repair it with."""
+    pixels = _pixels(shape, 3)
+    tifffile.imwrite(path, pixels, tile=(32, 32), compression="zlib")
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    return pixels
+
+
+@pytest.mark.parametrize("where", ["workers", "scheduler"])
+def test_unreadable_region_on_dask_stops_with_one_line_and_resumes_once_repaired(tmp_path, where, request):
+    """A truncated TIFF read by dask workers (a LocalCluster, or real worker processes of a scheduler): exit 2 with
+    one stderr line naming the region, no traceback; the tiles finished before it stay in OUT with their flags; once
+    the file is repaired, --resume completes the map, identical to a clean run."""
+    how = ["--workers", "2"] if where == "workers" else ["--scheduler", request.getfixturevalue("cluster")[0]]
+    img, out = tmp_path / "slide.tif", tmp_path / "o.zarr"
+    pixels = _truncated_tiff(img)
+    argv = [sys.executable, "-m", "onnx_fc2conv", "scan", str(ROOT / "models/digits.onnx"), str(img), "-o", str(out),
+            "--tile", "64", "--threads", "1", "-q"] + how
+    proc = subprocess.run(argv, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{img}: cannot read region rows " in proc.stderr and ", cols " in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+    group = zarr.open_group(str(out), mode="r")
+    flags = store.done_flags(group)
+    assert 0 < flags.sum() < flags.size, flags       # the tiles before the bad rows are kept
+    ref = one_pass("models/digits.onnx", pixels)["logits"]
+    k = store.read_attrs(out)["tile"]["positions"]
+    for t in zip(*np.nonzero(flags)):
+        box = (slice(None), slice(t[0] * k[0], (t[0] + 1) * k[0]), slice(t[1] * k[1], (t[1] + 1) * k[1]))
+        assert_exact(group["logits"][box], ref[box], f"tile {t} kept")
+    tifffile.imwrite(img, pixels, tile=(32, 32), compression="zlib")       # repaired
+    kw = {} if where == "workers" else dict(scheduler=how[1])   # (a second LocalCluster would add seconds)
+    result = scan("models/digits.onnx", img, out, tile=64, threads=1, resume=True, **kw)
+    assert result.resumed == flags.sum() and result.computed == flags.size - flags.sum()
+    scan("models/digits.onnx", img, tmp_path / "ref.zarr", tile=64, threads=1)
+    got, want = (zarr.open_group(str(p), mode="r")["logits"][...] for p in (out, tmp_path / "ref.zarr"))
+    assert not np.isnan(got).any() and np.array_equal(got, want)

@@ -181,3 +181,35 @@ def test_reading_a_memory_mapped_image_does_not_grow_the_resident_set(tmp_path):
         assert img.read(((r0, r0 + 512), (0, 4096))).sum() == 7 * 512 * 4096 * 4
     grown = _rss_file_kb() - before
     assert grown < 16 * 1024, f"the resident set grew by {grown} kB reading a 64 MiB file"
+
+
+@pytest.mark.parametrize("zarr_present", [False, True], ids=["no-zarr", "zarr-2"])
+def test_on_python_3_10_it_says_scan_needs_python_3_11(tmp_path, capsys, monkeypatch, zarr_present):
+    """zarr 3 needs Python >= 3.11, so the scan extra installs no zarr on 3.10 (setup.cfg's marker); scan says why."""
+    monkeypatch.setattr(store, "python_version", lambda: (3, 10))
+    if zarr_present:
+        monkeypatch.setattr(zarr, "__version__", "2.18.3")
+    else:
+        monkeypatch.setitem(sys.modules, "zarr", None)
+    code, _, err = _main(capsys, "scan", "models/vgg_small.onnx", _image(tmp_path), "-o", tmp_path / "o.zarr")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "Python >= 3.11" in err and "this is Python 3.10" in err and "pip install 'onnx-fc2conv[scan]'" in err
+    assert ("zarr 2.18.3 is installed" if zarr_present else "zarr is not installed") in err
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_the_scan_extra_resolves_on_python_3_10():
+    """setup.cfg: zarr (3 needs Python 3.11) is in the scan and test extras only under a python_version marker."""
+    from configparser import ConfigParser
+
+    from packaging.requirements import Requirement
+
+    cfg = ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    assert Requirement("x" + cfg["options"]["python_requires"]).specifier.contains("3.10")
+    for extra in ("scan", "test"):
+        reqs = {r.name: r for r in map(Requirement, filter(None, cfg["options.extras_require"][extra].splitlines()))}
+        assert reqs["zarr"].marker is not None and str(reqs["zarr"].specifier) == ">=3", extra
+        assert not reqs["zarr"].marker.evaluate({"python_version": "3.10"}), extra
+        assert reqs["zarr"].marker.evaluate({"python_version": "3.11"}), extra
+        assert all(r.marker is None for n, r in reqs.items() if n != "zarr"), extra

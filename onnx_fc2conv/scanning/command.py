@@ -4,6 +4,8 @@ options, the progress bar on stderr, the summary on stdout, exit codes:
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 
@@ -77,10 +79,32 @@ class _Bar:
             self.bar.close()
 
 
+def _quiet_dask(quiet: bool) -> None:
+    """dask.distributed's logs are not this command's to print.
+
+    In this process, imported after the CLI configured logging, it adds no
+    handler of its own and sends its INFO chatter (cluster start, workers
+    joining, comms closing with tracebacks) through the CLI's stderr handler:
+    keep its warnings (a lost worker), nothing under ``-q``. A LocalCluster's
+    worker processes write to the same stderr and log errors with tracebacks
+    when they are closed in the middle of a tile (after an unreadable region
+    stopped the scan, their heartbeat finds the scheduler gone): they read
+    their log level from the environment they inherit, so it is set there
+    (a worker's real failure reaches this process as the task's error)."""
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
+    try:
+        import distributed  # noqa: F401  (its import sets its logger's level)
+    except ImportError:
+        return                # engine.dask_client names the extra to install
+    logging.getLogger("distributed").setLevel(logging.CRITICAL if quiet else logging.WARNING)
+
+
 def command(args, out) -> int:
     from ..heatmap import read_labels
     from . import scan
 
+    if args.workers is not None or args.scheduler is not None:
+        _quiet_dask(args.quiet)
     bar = _Bar(not args.quiet)
     labels = read_labels(args.labels) if args.labels else None
     done = [0, 0]

@@ -181,9 +181,15 @@ def worker_for(job: Job, data: bytes, image=None) -> Worker:
 
 
 def run_tile(job: Job, data: bytes, image, t) -> tuple:
-    """The dask task: compute and write tile ``t``; returns ``(t, pixels)``.
+    """The dask task: compute and write tile ``t``; returns ``(t, pixels)``,
+    or ``(t, message)`` when the input is bad (an unreadable region): returned,
+    not raised, so that no worker logs a failed task with its traceback on the
+    scan's stderr, and the client stops with that one line.
     ``image``: None (open ``job.image``) or the array itself."""
-    return tuple(t), worker_for(job, data, image).run(t)
+    try:
+        return tuple(t), worker_for(job, data, image).run(t)
+    except Fc2ConvError as exc:
+        return tuple(t), str(exc)
 
 
 # --------------------------------------------------------------- engines ---
@@ -330,6 +336,8 @@ def _submit_all(client, as_completed, job, data, todo, on_tile) -> float:
                     raise Fc2ConvError(str(exc)) from None
                 f.result()
             t, pixels = f.result()
+            if isinstance(pixels, str):     # run_tile's one line about bad input
+                raise Fc2ConvError(pixels)
             on_tile(t, pixels)
     finally:
         client.cancel(futures)

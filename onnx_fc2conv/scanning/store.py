@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +36,32 @@ FORMAT = 1
 SAME_ON_RESUME = ("model_sha256", "image", "preprocessing", "tile", "geometry", "outputs", "dense_stride")
 
 
+ZARR_PYTHON = (3, 11)   # zarr 3 needs Python 3.11 or newer
+
+
+def python_version() -> tuple:
+    """This interpreter's (major, minor); a function so tests can pretend another."""
+    return tuple(sys.version_info[:2])
+
+
 def zarr():
+    """zarr 3, or the one line that says what to do (the extra; Python 3.11+ when that is why it is missing)."""
     try:
         import zarr as z
     except ImportError:
+        z = None
+    if z is not None and int(z.__version__.split(".")[0]) >= 3:
+        return z
+    py = python_version()
+    if py < ZARR_PYTHON:
+        have = "zarr is not installed" if z is None else f"zarr {z.__version__} is installed"
+        raise Fc2ConvError(f"scan needs zarr 3, which needs Python >= 3.11 (this is Python {py[0]}.{py[1]}; {have}): "
+                           "run scan under Python 3.11 or newer, after pip install 'onnx-fc2conv[scan]' there")
+    if z is None:
         raise Fc2ConvError("scan needs the 'scan' extra (zarr, tifffile, dask[distributed], tqdm): "
-                           "pip install 'onnx-fc2conv[scan]'") from None
-    if int(z.__version__.split(".")[0]) < 3:
-        raise Fc2ConvError(f"scan writes zarr v3 groups and needs zarr>=3 (installed: {z.__version__}): "
-                           "pip install -U 'zarr>=3'")
-    return z
+                           "pip install 'onnx-fc2conv[scan]'")
+    raise Fc2ConvError(f"scan writes zarr v3 groups and needs zarr>=3 (installed: {z.__version__}): "
+                       "pip install -U 'zarr>=3'")
 
 
 def is_scan(path) -> bool:
