@@ -287,8 +287,9 @@ def dask_client(*, workers: int | None = None, scheduler: str | None = None, tim
 
 def _local_config():
     """Dask settings for the local cluster's workers, whose one task thread
-    runs onnxruntime on a core of its own (measured with tools/bench_scan.py
-    (c) on 2 cores: 2 workers / twice 1 worker went from 0.82 to 0.87 on 8192^2).
+    runs onnxruntime on a core of its own (tools/bench_scan.py (c) on 2
+    cores, tile 1024: 2 workers / twice 1 worker went from 0.78 to 0.82 on
+    6144^2, from 0.86 to 0.87 on 8192^2).
 
     - No statistical profiler: it samples the task thread every 10 ms.
     - No ``MALLOC_TRIM_THRESHOLD_`` (dask's default 65536): setting it freezes
