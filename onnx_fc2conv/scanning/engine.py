@@ -10,8 +10,9 @@ a dask worker loads the dense model once however many tiles it runs.
 
 Threads: onnxruntime's intra-op threads are ``cores // N`` for N local
 workers (each with one dask thread), so N x threads = cores; in this process
-alone, two tiles in flight on one session (two lanes, ``cores // 2`` threads
-each; :func:`lanes_for`). On a remote cluster each worker process uses ``cores // nthreads`` of
+alone, two tiles in flight on one session (two lanes, ``cores // 2``
+threads each; :func:`lanes_for`). On a remote cluster each worker process
+uses ``cores // nthreads`` of
 its machine.
 """
 
