@@ -253,19 +253,28 @@ def test_overview(tmp_path):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_8bit_pixels_take_the_table_path_to_the_same_bits(channels_last):
+@pytest.mark.parametrize("pixel_type", [np.uint8, np.uint16, np.float64])
+@pytest.mark.parametrize("mean,std", [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+                                      ((0.5, 0.0, 0.25), (1.0, 0.5, 1.0))])
+def test_preprocessing_gives_the_bits_of_the_float32_formula(channels_last, pixel_type, mean, std):
+    """x = (pixels * scale - mean) / std, each operation rounded to float32 in
+    that order, for every pixel type, with the steps that change nothing skipped."""
     import dataclasses
 
     dense = dataclasses.replace(model_mod.prepare("models/vgg_small.onnx"), channels_last=channels_last)
-    prep = model_mod.Preprocessing(1 / 255, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    px = _pixels((37, 41, 3), 7)
-    fast = model_mod.to_input(px, dense, prep)
-    general = model_mod.to_input(px.astype(np.uint16), dense, prep)
-    assert fast.dtype == general.dtype == np.float32 and fast.shape == general.shape
-    assert np.array_equal(fast, general)
-    expected = (px.astype(np.float64) / 255 - np.array(prep.mean)) / np.array(prep.std)
+    prep = model_mod.Preprocessing(1 / 255, mean, std)
+    px = _pixels((37, 41, 4), 7).astype(pixel_type)      # RGBA: alpha is dropped
+    if pixel_type == np.float64:
+        px = px * 1.37 - 20.5
+    got = model_mod.to_input(px, dense, prep)
+    f32 = np.float32
+    expected = ((px[..., :3].astype(f32) * f32(1 / 255)) - np.array(mean, f32)) / np.array(std, f32)
     expected = expected if channels_last else np.moveaxis(expected, -1, 0)
-    assert np.allclose(fast[0], expected, atol=1e-5)
+    assert got.dtype == np.float32 and got.shape == (1,) + expected.shape and got.flags.c_contiguous
+    assert np.array_equal(got[0], expected)
+    assert np.allclose(got[0], (px[..., :3] / 255 - np.array(mean)) / np.array(std)
+                       if channels_last else np.moveaxis((px[..., :3] / 255 - np.array(mean)) / np.array(std), -1, 0),
+                       atol=1e-5)
 
 
 def test_every_score_map_output_gets_its_array(tmp_path):
