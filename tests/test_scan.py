@@ -48,6 +48,43 @@ def test_a_tile_below_one_window_is_refused_naming_the_smallest():
     assert tiling.plan([500, 500], [8, 8], [60, 60], [-14, -14], [62, 62], 74).chunks == (1, 1)
 
 
+@settings(max_examples=300, deadline=None)
+@given(s=st.integers(1, 8), rf_extra=st.integers(0, 40), off=st.integers(-20, 0), n_extra=st.integers(0, 400),
+       tile_extra=st.integers(0, 200), k=st.integers(1, 40))
+def test_blocks_split_each_tile_exactly_inside_its_region(s, rf_extra, off, n_extra, tile_extra, k):
+    rf = s + rf_extra
+    n = rf + n_extra
+    m = (n - rf - 2 * off) // s + 1
+    t = tiling.plan([n], [s], [rf], [off], [m], tiling.min_tile(s, rf) + tile_extra)
+    ax = t.axes[0]
+    for c in range(ax.tiles):
+        ta, tb = ax.read(c)
+        blocks = t.blocks((c,), (k,))
+        assert [p for (owned,), _ in blocks for p in range(*owned)] == list(range(*ax.owned(c)))
+        for ((p0, p1),), ((a, b),) in blocks:
+            assert ta <= a < b <= tb and a % s == 0 and (b == n or (n - b) % s == 0)
+            assert all(ax.valid(p, a, b) for p in range(p0, p1))
+
+
+@pytest.mark.parametrize("sizes, s, rf, off, tile, blocks_per_axis", [
+    ((12288, 12288), 8, 60, -14, 2048, 4),     # vgg_small: halo 66, smallest block 50 positions, 247 split in 4
+    ((12288, 12288), 32, 212, -90, 2048, 1),   # a VGG16-like halo: two blocks would recompute too much
+    ((300000,), 4, 40, 0, 2048, 1),            # 1-D: a tile is below the block's minimum pixels
+])
+def test_the_block_rule(sizes, s, rf, off, tile, blocks_per_axis):
+    k = len(sizes)
+    m = (sizes[0] - rf - 2 * off) // s + 1
+    t = tiling.plan(sizes, [s] * k, [rf] * k, [off] * k, [m] * k, tile)
+    ks = tiling.block_positions(t.axes)
+    assert len(t.blocks((1,) * k, ks)) == blocks_per_axis ** k
+    read = (ks[0] - 1) * s + rf + 2 * (s - 1)
+    if blocks_per_axis > 1:     # the recomputation bound and the minimum size hold, and the split is even
+        assert (read / (ks[0] * s)) ** k <= tiling.BLOCK_OVERHEAD
+        assert read ** k >= tiling.MIN_BLOCK_PIXELS
+        runs = [p1 - p0 for ((p0, p1), *_), _ in t.blocks((1,) * k, ks)]
+        assert max(runs) - min(runs) <= 1
+
+
 # -------------------------------------------------------------- exactness ---
 
 def _pixels(shape, seed=0, dtype=np.uint8):
@@ -70,6 +107,55 @@ def test_stitched_map_equals_one_pass(tmp_path, model, shape, tiles):
         assert result.tiles > 1 or tile == max(tiles)
         for name, r in ref.items():
             assert_exact(_read(out, name), r, f"{model} tile {tile}")
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of a few positions, so that the test images' tiles run in many blocks."""
+    monkeypatch.setattr(tiling, "MIN_BLOCK_PIXELS", 0)
+    monkeypatch.setattr(tiling, "BLOCK_OVERHEAD", 40.0)
+
+
+@pytest.mark.parametrize("model, shape, tile", [
+    ("models/vgg_small.onnx", (150, 170, 3), 131),
+    ("models/digits.onnx", (61, 47), 29),
+    ("models/conv1d_net.onnx", (401, 4), 150),
+    ("models/conv3d_net.onnx", (33, 30, 29, 2), 34),
+])
+def test_tiles_run_in_blocks_give_the_one_pass_map(tmp_path, small_blocks, model, shape, tile):
+    pixels = _pixels(shape, 3)
+    ref = one_pass(model, pixels)
+    out = tmp_path / "o.zarr"
+    result = scan(model, pixels, out, tile=tile)
+    blocks = store.read_attrs(out)["blocks"]["positions"]
+    assert result.tiles > 1 and any(b < c for b, c in zip(blocks, store.read_attrs(out)["tile"]["positions"]))
+    for name, r in ref.items():
+        assert_exact(_read(out, name), r, f"{model} in blocks of {blocks}")
+
+
+def test_resume_runs_the_blocks_the_scan_began_with(tmp_path, monkeypatch):
+    from onnx_fc2conv.scanning import engine
+
+    pixels = _pixels((150, 170, 3), 4)
+    out = tmp_path / "o.zarr"
+    monkeypatch.setattr(tiling, "MIN_BLOCK_PIXELS", 0)
+    monkeypatch.setattr(tiling, "BLOCK_OVERHEAD", 40.0)
+    scan("models/vgg_small.onnx", pixels, out, tile=131)
+    first = store.read_attrs(out)["blocks"]["positions"]
+    full = _read(out, "prob")
+    group = zarr.open_group(str(out), mode="r+")           # as if the scan had stopped halfway
+    flags = group[store.DONE][...]
+    flags.reshape(-1)[flags.size // 2:] = 0
+    group[store.DONE][...] = flags
+    monkeypatch.setattr(tiling, "BLOCK_OVERHEAD", tiling.BLOCK_OVERHEAD * 0 + 2.0)
+    seen = []
+    real = engine.run_here
+    monkeypatch.setattr(engine, "run_here", lambda job, *a, **k: (seen.append(job.block), real(job, *a, **k))[1])
+    result = scan("models/vgg_small.onnx", pixels, out, tile=131, resume=True)
+    assert result.resumed > 0 and result.computed > 0
+    assert seen == [tuple(first)] and tuple(first) != tiling.block_positions(tiling.plan(
+        [150, 170], [8, 8], [60, 60], [-14, -14], list(full.shape[1:]), 131).axes)
+    assert np.array_equal(_read(out, "prob"), full)
 
 
 def test_dense_stride_map_equals_one_pass(tmp_path):

@@ -114,14 +114,15 @@ def scan(model, image, out, *, tile=DEFAULT_TILE, workers: int | None = None, sc
         tiling = tiling_mod.plan(sizes, [a.stride for a in at.axes], [a.receptive_field for a in at.axes],
                                  [a.offset for a in at.axes], first, tiles_arg)
         image_path = None if isinstance(image, np.ndarray) else os.fspath(getattr(image, "path", None) or image)
-        attrs = _attrs(dense, model, image_path, img, level, prep, tiling, at)
+        block = tiling_mod.block_positions(tiling.axes) if provider == "cpu" else None
+        attrs = _attrs(dense, model, image_path, img, level, prep, tiling, at, block)
     finally:
         img.close()
     with contextlib.ExitStack() as stack:
         client = None if workers is None and scheduler is None else \
             stack.enter_context(engine.dask_client(workers=workers, scheduler=scheduler))
-        result = _run(out, exists, overwrite, attrs, at, tiling, dense, image, image_path, level, prep, provider,
-                      threads, workers, scheduler, client, progress, stage)
+        result = _run(out, exists, overwrite, attrs, at, tiling, block, dense, image, image_path, level, prep,
+                      provider, threads, workers, scheduler, client, progress, stage)
     if check:
         from . import check as check_mod
 
@@ -137,21 +138,24 @@ def scan(model, image, out, *, tile=DEFAULT_TILE, workers: int | None = None, sc
     return result
 
 
-def _run(out, exists, overwrite, attrs, at, tiling, dense, image, image_path, level, prep, provider, threads, workers,
-         scheduler, client, progress, stage) -> ScanResult:
+def _run(out, exists, overwrite, attrs, at, tiling, block, dense, image, image_path, level, prep, provider, threads,
+         workers, scheduler, client, progress, stage) -> ScanResult:
     """Create or reopen OUT and compute its missing tiles (the cluster, if any, is up)."""
     from . import engine, store
 
     if exists:
         group = store.open_existing(out, attrs)
         done = store.done_flags(group)
+        # the blocks the scan began with, so that the resumed map is the same bits
+        # (a scan without the record ran each tile whole)
+        block = (dict(group.attrs).get(store.ATTR, {}).get("blocks") or {}).get("positions")
     else:
         group = store.create(out, attrs, at.shapes, tiling.chunks, tiling.grid, replace=overwrite)
         done = np.zeros(tiling.grid, bool)
     todo = [t for t in tiling.tiles() if not done[t]]
     resumed = len(tiling) - len(todo)
     job = engine.new_job(dense, image if isinstance(image, np.ndarray) else image_path, level, tiling, prep, out,
-                         provider, threads)
+                         provider, threads, block)
     total = len(tiling)
     progress = progress or (lambda done, total, pixels: None)
     count = [resumed, 0]
@@ -191,7 +195,7 @@ def _check_overview_path(path, out) -> None:
     pillow()
 
 
-def _attrs(dense, model, image_path, img, level, prep, tiling, at) -> dict:
+def _attrs(dense, model, image_path, img, level, prep, tiling, at, block) -> dict:
     return {
         "format": 1,
         "model": os.fspath(model) if isinstance(model, (str, os.PathLike)) else None,
@@ -206,6 +210,9 @@ def _attrs(dense, model, image_path, img, level, prep, tiling, at) -> dict:
         "tile": {"size": list(tiling.tile), "positions": list(tiling.chunks), "grid": list(tiling.grid),
                  "rule": "tile c owns map positions [c*positions, (c+1)*positions) per axis; each output "
                          "array's chunk c is tile c"},
+        "blocks": {"positions": list(block or tiling.chunks),
+                   "rule": "the model ran on each tile's owned positions in runs of this many per axis, each "
+                           "reading its own exact region out of the tile (tiling.py)"},
         "geometry": {"axes": [a.to_dict() for a in at.axes],
                      "box": "position p along an axis covers image pixels [offset + p*stride, offset + "
                             "p*stride + receptive_field - 1] at the scanned level"},

@@ -48,11 +48,12 @@ class Job:
     out: str
     provider: str = "cpu"
     threads: int | None = None        # onnxruntime intra-op threads (None: cores // worker threads)
+    block: tuple | None = None        # map positions per block per axis (None: a tile is one block)
 
 
-def new_job(dense, image, level, tiling, prep, out, provider, threads) -> Job:
+def new_job(dense, image, level, tiling, prep, out, provider, threads, block=None) -> Job:
     return Job(uuid.uuid4().hex, replace(dense, data=b"", original=None), image, level, tiling, prep, str(out),
-               provider, threads)
+               provider, threads, None if block is None else tuple(int(k) for k in block))
 
 
 def session(data: bytes, provider: str, threads: int | None):
@@ -107,14 +108,51 @@ class Worker:
         self.reading = threading.Lock()
         self.cuda = job.provider == "cuda"
 
-    def read(self, t) -> np.ndarray:
-        """The model's input for tile ``t`` (raises Fc2ConvError naming an unreadable region)."""
-        box = self.job.tiling.read(t)
+    def read(self, t) -> list:
+        """Tile ``t``'s model inputs, one per block: ``[(owned, regions, x)]``
+        (the tile is read once; raises Fc2ConvError naming an unreadable region)."""
+        tiling = self.job.tiling
+        box = tiling.read(t)
         with self.reading:            # lanes take turns in the reader (not every reader is thread-safe)
             pixels = self.image.read(box)
-        return model_mod.to_input(pixels, self.job.dense, self.job.prep)
+        blocks = []
+        for owned, regions in tiling.blocks(t, self.job.block or tiling.chunks):
+            crop = pixels[tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(regions, box))]
+            blocks.append((owned, regions, model_mod.to_input(crop, self.job.dense, self.job.prep)))
+        return blocks
 
-    def infer(self, x: np.ndarray) -> list:
+    def infer(self, t, blocks) -> list:
+        """Tile ``t``'s owned maps, one ``[C, *owned]`` array per output, from its blocks."""
+        tiling, dense = self.job.tiling, self.job.dense
+        tile_owned = tiling.owned(t)
+        if len(blocks) == 1:
+            maps = None
+        else:
+            maps = [None] * len(dense.outputs)
+        for owned, regions, x in blocks:
+            ys = self._run(x)
+            local = tuple(slice(p0 - a // ax.stride, p1 - a // ax.stride)
+                          for ax, (p0, p1), (a, _) in zip(tiling.axes, owned, regions))
+            at = tuple(slice(p0 - q0, p1 - q0) for (p0, p1), (q0, _) in zip(owned, tile_owned))
+            for i, y in enumerate(ys):
+                m = y[0]
+                need = [sl.stop for sl in local]
+                if any(n > d for n, d in zip(need, m.shape[1:])):
+                    raise Fc2ConvError(f"tile {t} (pixels {tiling.read(t)}): the dense model gave a map of "
+                                       f"{list(m.shape[1:])} positions where the tiling needs {need}; the "
+                                       "model's geometry is not what scan traced")
+                part = m[(slice(None),) + local]
+                if maps is None:
+                    ys[i] = np.asarray(part, np.float32)
+                    continue
+                if maps[i] is None:
+                    maps[i] = np.empty((m.shape[0],) + tuple(q1 - q0 for q0, q1 in tile_owned), np.float32)
+                maps[i][(slice(None),) + at] = part
+            if maps is None:
+                return ys
+        return maps
+
+    def _run(self, x: np.ndarray) -> list:
         dense = self.job.dense
         if not self.cuda:
             return self.session.run(list(dense.outputs), {dense.input: x})
@@ -128,23 +166,15 @@ class Worker:
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
-    def write(self, t, outs) -> None:
-        tiling = self.job.tiling
-        local = tiling.local(t)
-        owned = tiling.owned(t)
-        for o, y in zip(self.job.dense.outputs, outs):
-            m = y[0]
-            need = [sl.stop for sl in local]
-            if any(n > d for n, d in zip(need, m.shape[1:])):
-                raise Fc2ConvError(f"tile {t} (pixels {tiling.read(t)}): the dense model gave a map of "
-                                   f"{list(m.shape[1:])} positions where the tiling needs {need}; the model's "
-                                   "geometry is not what scan traced")
-            self.arrays[o][(slice(None),) + tuple(slice(a, b) for a, b in owned)] = \
-                np.asarray(m[(slice(None),) + local], np.float32)
+    def write(self, t, maps) -> None:
+        """Tile ``t``'s owned maps into their chunk of OUT, then its done flag."""
+        owned = self.job.tiling.owned(t)
+        for o, m in zip(self.job.dense.outputs, maps):
+            self.arrays[o][(slice(None),) + tuple(slice(a, b) for a, b in owned)] = m
         self.flags[tuple(slice(c, c + 1) for c in t)] = np.ones((1,) * len(t), np.uint8)
 
     def run(self, t) -> int:
-        self.write(t, self.infer(self.read(t)))
+        self.write(t, self.infer(t, self.read(t)))
         return pixels_of(self.job.tiling, t)
 
 
@@ -231,7 +261,7 @@ def run_here(job: Job, data: bytes, todo: list, on_tile, lanes: int = 1) -> floa
                 x = ahead.result()
                 if i + 1 < len(todo):
                     ahead = reader.submit(worker.read, todo[i + 1])
-                worker.write(t, worker.infer(x))
+                worker.write(t, worker.infer(t, x))
                 on_tile(t, pixels_of(job.tiling, t))
         return time.perf_counter() - t0
     pool = ThreadPoolExecutor(lanes, thread_name_prefix="scan-lane")
