@@ -57,10 +57,14 @@ ends of ``read_region`` grow with the positions). Blocks cost recomputed
 halos, and buy a working set that stays in the caches: on this project's
 2-core machine ``vgg_small`` runs 1.4x faster per pixel on 512-pixel inputs
 than on 2048-pixel ones, ``lenet`` 1.5x on 256 against 2048
-(tools/bench_scan.py). :func:`block_positions` picks the smallest block whose
-recomputation stays within ``BLOCK_OVERHEAD`` (read area / owned area) and
-that holds at least ``MIN_BLOCK_PIXELS``; a tile that is already small
-enough is one block.
+(one session, one thread). :func:`block_positions` picks the smallest block
+whose recomputation stays within ``BLOCK_OVERHEAD`` (read area / owned area)
+and that holds at least ``MIN_BLOCK_PIXELS``, and splits the tile evenly into
+as many such blocks as fit; a tile that cannot hold two is one block. The
+bound was set by scanning 8192^2 with vgg_small, best of 3 (two lanes):
+tile 2048 whole 6.31 s, in 4x4 blocks (bound 1.36) 4.35 s, in 3x3 (1.25)
+4.24 s; tile 1024 whole 4.45 s, in 2x2 blocks (1.36) 4.63 s, which 1.25
+leaves whole.
 """
 
 from __future__ import annotations
@@ -129,7 +133,7 @@ def min_tile(s: int, rf: int) -> int:
     return rf + 2 * (s - 1)
 
 
-BLOCK_OVERHEAD = 1.36          # the most a block's halo may add to the pixels run (area read / area owned)
+BLOCK_OVERHEAD = 1.25          # the most a block's halo may add to the pixels run (area read / area owned)
 MIN_BLOCK_PIXELS = 256 * 256   # smaller inputs pay onnxruntime's per-call cost
 
 
