@@ -13,7 +13,7 @@
     and a small image has fewer windows per pixel; printed against the MAC ratio (one crop's MACs /
     the dense model's MACs per map position on the ``--big`` image, in one pass: no tile or block
     halo counted), the most sharing can win.  Goal: (b) >= 0.9 x MAC ratio.
-(c) parallel efficiency on ``--par`` pixels, tile 1024: 2 one-thread dask workers / twice 1 one-thread worker
+(c) parallel efficiency on ``--par`` pixels at ``--par-tile`` (default: ``--tile``): 2 one-thread dask workers / twice 1 one-thread worker
     (goal >= 0.85), and the default setting (this process, all cores) against both (goal: at least as fast);
     the tile phase (ScanResult.seconds) on LocalClusters whose workers scanned a small image first, so the
     model's load counts but dask's start-up and the workers' imports do not; best of ``--reps``.
@@ -170,6 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--one", type=int, default=2048, help="(a): the one-pass image's side")
     ap.add_argument("--patch", type=int, default=384, help="(b): the patch-wise image's side")
     ap.add_argument("--par", type=int, default=8192, help="(c): the image's side (large enough that the workers' start and the last tile amortise)")
+    ap.add_argument("--par-tile", type=int, default=None, help="(c): the tile (default: --tile)")
     ap.add_argument("--rss", type=int, nargs=2, default=[2000, 8000], metavar=("SMALL", "LARGE"))
     ap.add_argument("--tile", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=2)
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
             f"on {args.patch}^2 ({args.patch ** 2 / tp / 1e6:.3f} Mpx/s); (b) / MAC ratio = {ratio / mac_ratio:.2f}")
     if "c" not in args.skip:
         par = image(work, args.par)
-        kw = dict(tile=min(args.tile, 1024), provider=args.provider)
+        kw = dict(tile=args.par_tile or args.tile, provider=args.provider)
         warm = image(work, 512)
         t_one, t_two, t_def = [], [], []
         for _ in range(args.reps):       # interleaved: a busy machine slows all three alike
