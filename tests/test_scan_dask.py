@@ -124,6 +124,49 @@ def test_scheduler_with_two_workers_one_killed_mid_scan(tmp_path, cluster):
     assert_exact(group["prob"][...], one_pass("models/vgg_small.onnx", pixels)["prob"], "--scheduler")
 
 
+BLIND_SCHEDULER = """
+import sys
+class Blind:                      # this environment has no onnx_fc2conv
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "onnx_fc2conv":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, Blind())
+from distributed.cli.dask_scheduler import main
+sys.argv[0] = "dask-scheduler"
+main()
+"""
+
+
+def test_a_scheduler_without_onnx_fc2conv_is_one_line_naming_the_install(tmp_path, capsys):
+    """A real scheduler whose environment lacks the package cannot unpickle scan's tasks:
+    exit 2 and one line that says what the cluster needs, not dask's traceback."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    log = open(tmp_path / "dask.log", "wb")
+    procs = [subprocess.Popen([sys.executable, "-c", BLIND_SCHEDULER, "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard"], env=env, stdout=log, stderr=log, cwd=tmp_path)]
+    try:
+        procs.append(subprocess.Popen(_dask("worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
+                                            "--host", "127.0.0.1"), env=env, stdout=log, stderr=log, cwd=tmp_path))
+        with distributed.Client(address, timeout=30) as client:
+            client.wait_for_workers(1, timeout=60)
+        np.save(tmp_path / "img.npy", _pixels((150, 140, 3)))
+        from onnx_fc2conv import cli
+
+        code = cli.main(["scan", "models/vgg_small.onnx", str(tmp_path / "img.npy"), "-o", str(tmp_path / "o.zarr"),
+                         "--tile", "90", "--scheduler", address, "-q"])
+    finally:
+        for p in reversed(procs):
+            p.kill()
+            p.wait()
+        log.close()
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "dask cluster" in err and "need onnx-fc2conv" in err and "Traceback" not in err
+    assert b"No module named 'onnx_fc2conv" in (tmp_path / "dask.log").read_bytes()
+
+
 def _truncated_tiff(path, shape=(256, 256)):
     """A tiled TIFF cut in half (the lower tiles unreadable), and its pixels to repair it with."""
     pixels = _pixels(shape, 3)

@@ -345,6 +345,17 @@ def run_dask(job: Job, data: bytes, todo: list, on_tile, client) -> float:
     return _submit_all(client, as_completed, job, data, todo, on_tile)
 
 
+def cluster_failure(exc: BaseException) -> str:
+    """One line for a tile that failed on the cluster with something other
+    than bad input: the scheduler or a worker could not run scan's tasks."""
+    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    line = f"a tile failed on the dask cluster: {type(exc).__name__}" + (f": {first}" if first else "")
+    if "deserializ" in str(exc).lower() or isinstance(exc, (ImportError, ModuleNotFoundError)):
+        line += (" (the scheduler and every worker need onnx-fc2conv with its scan extra installed, "
+                 "the same version as here)")
+    return line
+
+
 def _submit_all(client, as_completed, job, data, todo, on_tile) -> float:
     if not todo:
         return 0.0
@@ -366,7 +377,7 @@ def _submit_all(client, as_completed, job, data, todo, on_tile) -> float:
                 exc = f.exception()
                 if isinstance(exc, Fc2ConvError):
                     raise Fc2ConvError(str(exc)) from None
-                f.result()
+                raise Fc2ConvError(cluster_failure(exc)) from None
             t, pixels = f.result()
             if isinstance(pixels, str):     # run_tile's one line about bad input
                 raise Fc2ConvError(pixels)
