@@ -143,6 +143,7 @@ def test_a_scheduler_without_onnx_fc2conv_is_one_line_naming_the_install(tmp_pat
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("DASK_LOGGING__DISTRIBUTED", None)    # an earlier CLI scan in this process set it to critical
     log = open(tmp_path / "dask.log", "wb")
     procs = [subprocess.Popen([sys.executable, "-c", BLIND_SCHEDULER, "--host", "127.0.0.1", "--port", str(port),
                                "--no-dashboard"], env=env, stdout=log, stderr=log, cwd=tmp_path)]
@@ -158,8 +159,12 @@ def test_a_scheduler_without_onnx_fc2conv_is_one_line_naming_the_install(tmp_pat
                          "--tile", "90", "--scheduler", address, "-q"])
     finally:
         for p in reversed(procs):
-            p.kill()
-            p.wait()
+            p.terminate()            # not kill: the scheduler's log must reach the file
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         log.close()
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
