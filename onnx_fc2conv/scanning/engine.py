@@ -123,33 +123,23 @@ class Worker:
 
     def infer(self, t, blocks) -> list:
         """Tile ``t``'s owned maps, one ``[C, *owned]`` array per output, from its blocks."""
-        tiling, dense = self.job.tiling, self.job.dense
+        tiling = self.job.tiling
         tile_owned = tiling.owned(t)
-        if len(blocks) == 1:
-            maps = None
-        else:
-            maps = [None] * len(dense.outputs)
+        maps = [None] * len(self.job.dense.outputs)
         for owned, regions, x in blocks:
-            ys = self._run(x)
             local = tuple(slice(p0 - a // ax.stride, p1 - a // ax.stride)
                           for ax, (p0, p1), (a, _) in zip(tiling.axes, owned, regions))
             at = tuple(slice(p0 - q0, p1 - q0) for (p0, p1), (q0, _) in zip(owned, tile_owned))
-            for i, y in enumerate(ys):
+            for i, y in enumerate(self._run(x)):
                 m = y[0]
                 need = [sl.stop for sl in local]
                 if any(n > d for n, d in zip(need, m.shape[1:])):
                     raise Fc2ConvError(f"tile {t} (pixels {tiling.read(t)}): the dense model gave a map of "
                                        f"{list(m.shape[1:])} positions where the tiling needs {need}; the "
                                        "model's geometry is not what scan traced")
-                part = m[(slice(None),) + local]
-                if maps is None:
-                    ys[i] = np.asarray(part, np.float32)
-                    continue
                 if maps[i] is None:
                     maps[i] = np.empty((m.shape[0],) + tuple(q1 - q0 for q0, q1 in tile_owned), np.float32)
-                maps[i][(slice(None),) + at] = part
-            if maps is None:
-                return ys
+                maps[i][(slice(None),) + at] = m[(slice(None),) + local]
         return maps
 
     def _run(self, x: np.ndarray) -> list:
