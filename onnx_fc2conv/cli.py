@@ -317,11 +317,14 @@ def _cmd_heatmap(args, out) -> int:
     args.progress(f"drawing {args.png}")
     several = len(result.outputs) > 1
     caption = f"output {result.output!r}" if several and args.legend else None
-    image = draw.scaled(result.pixels, zoom)
-    picture = draw.picture(image, result.probabilities, result.axes,
-                           zoom=zoom, cls=args.cls, top=result.top if args.cls is None else None,
-                           labels=labels, legend=args.legend, caption=caption)
-    data = draw.png_bytes(picture)
+    try:
+        image = draw.scaled(result.pixels, zoom)
+        picture = draw.picture(image, result.probabilities, result.axes,
+                               zoom=zoom, cls=args.cls, top=result.top if args.cls is None else None,
+                               labels=labels, legend=args.legend, caption=caption)
+        data = draw.png_bytes(picture)
+    except draw.OutOfMemory as exc:
+        raise Fc2ConvError(f"{args.png}: {exc}; draw a smaller one with a lower --zoom (now {zoom:g})") from None
     h, w = result.pixels.shape[:2]
     payload = None
     if js is not None:

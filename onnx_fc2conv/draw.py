@@ -30,11 +30,15 @@ otherwise the ``top`` (default 1) classes per position, each cell split into
 for the text where it is likely (>= 0.5).
 
 Needs Pillow (``pip install pillow``); the only module that draws with it.
+A failed allocation while drawing (numpy's or Pillow's MemoryError) is an
+:class:`OutOfMemory`, one line naming the picture's size; the callers add
+how to draw a smaller one.
 """
 
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import io
 import math
 
@@ -50,6 +54,21 @@ TOP_ALPHA = 0.85           # opacity of a class's colour at probability 1
 TEXT_MIN_PROBABILITY = 0.5
 LINE_HEIGHT = 13           # legend rows
 BACKGROUND = (24, 24, 24)  # the legend strip
+
+
+class OutOfMemory(Fc2ConvError):
+    """The picture needs more memory than this process can get."""
+
+
+@contextlib.contextmanager
+def enough_memory(h: int, w: int):
+    """A MemoryError inside becomes :class:`OutOfMemory` for an ``h`` x ``w`` picture."""
+    try:
+        yield
+    except MemoryError as exc:
+        detail = " ".join(str(exc).split()).split(" for an array")[0]    # numpy's: "Unable to allocate 1.43 GiB"
+        raise OutOfMemory(f"drawing the {h}x{w} px picture needs more memory than this process can get"
+                          + (f" ({detail})" if detail else "")) from None
 
 
 def pillow():
@@ -84,6 +103,13 @@ def scaled(pixels: np.ndarray, zoom: float) -> np.ndarray:
     stretched from their min..max to 0..255 for display."""
     zoom = _zoom(zoom)
     px = np.asarray(pixels)
+    if px.ndim < 2:
+        raise Fc2ConvError(f"an image to draw is [H, W] or [H, W, C]; got shape {list(px.shape)}")
+    with enough_memory(max(1, round(px.shape[0] * zoom)), max(1, round(px.shape[1] * zoom))):
+        return _scaled(px, zoom)
+
+
+def _scaled(px: np.ndarray, zoom: float) -> np.ndarray:
     if px.ndim == 3 and px.shape[2] == 1:
         px = px[..., 0]
     if px.dtype != np.uint8:
@@ -122,7 +148,7 @@ def picture(image, probs, axes, *, zoom=1.0, cls=None, top=None, labels=None, le
         caption: a first line for the strip (a strip is added for it even
             without ``legend``).
     """
-    Image, ImageDraw, ImageFont = pillow()
+    pillow()
     zoom = _zoom(zoom)
     probs = np.asarray(probs)
     axes = [_axis(a) for a in axes]
@@ -138,7 +164,16 @@ def picture(image, probs, axes, *, zoom=1.0, cls=None, top=None, labels=None, le
     if not 1 <= n <= classes:
         raise Fc2ConvError(f"top {n}: give 1 to {classes} (the map's classes)")
     labels = list(labels or [])
-    base = _rgb(np.asarray(image))
+    image = np.asarray(image)
+    if image.ndim < 2:
+        raise Fc2ConvError(f"a picture's image is [H, W] or [H, W, C]; got shape {list(image.shape)}")
+    with enough_memory(*image.shape[:2]):
+        return _picture(image, probs, axes, zoom, cls, n, labels, legend, caption)
+
+
+def _picture(image, probs, axes, zoom, cls, n, labels, legend, caption):
+    Image, ImageDraw, ImageFont = pillow()
+    base = _rgb(image)
     h, w = base.shape[:2]
     ranking = None if cls is not None else _ranking(probs, n)
     premult, alpha = _overlay(probs, ranking, axes, cls, zoom, (h, w))
@@ -165,8 +200,9 @@ def picture(image, probs, axes, *, zoom=1.0, cls=None, top=None, labels=None, le
 def png_bytes(img) -> bytes:
     """``img`` (a PIL image) as PNG file contents."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
+    with enough_memory(img.height, img.width):
+        img.save(buf, format="PNG", optimize=False)
+        return buf.getvalue()
 
 
 # ------------------------------------------------------------------ cells ---

@@ -620,3 +620,22 @@ def test_onnxruntime_out_of_memory_points_to_scan(tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
     _one_line_naming_scan(r.returncode, r.stderr, VGG, image, "onnxruntime ran out of memory", "1024x1024")
     assert not out.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="limits the address space (Linux)")
+def test_drawing_out_of_memory_is_one_line_naming_zoom(tmp_path):
+    """A real allocation failure while drawing (the address space limited to what the 200x200 pass needs, far
+    below the 8000x8000 picture of --zoom 40): one line naming the picture and --zoom, no PNG."""
+    image = tmp_path / "small.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(image)
+    before = image.read_bytes()
+    out = tmp_path / "out.png"
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "MALLOC_ARENA_MAX": "1"}
+    r = subprocess.run([sys.executable, "-c", OOM, "heatmap", str(VGG), str(image), "-o", str(out), "--zoom", "40"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith(f"onnx-fc2conv: error: {out}: drawing the 8000x8000 px picture needs more memory"), \
+        lines[0]
+    assert "a lower --zoom (now 40)" in lines[0], lines[0]
+    assert not out.exists() and list(tmp_path.iterdir()) == [image] and image.read_bytes() == before

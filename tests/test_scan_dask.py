@@ -60,6 +60,29 @@ def test_local_workers_run_without_profiler_or_malloc_trim():
     assert settings == [(None, "1", False)]
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_local_workers_print_nothing_of_dask_with_port_8787_taken(tmp_path, quiet):
+    """--workers' scheduler serves no dashboard, yet an HTTP server (health, metrics)
+    on 8787 unless told otherwise: with 8787 taken (another scan, a dask dashboard)
+    distributed warned on the CLI's stderr. Only the progress bar there, nothing under -q."""
+    np.save(tmp_path / "img.npy", _pixels((150, 140, 3)))
+    argv = [sys.executable, "-m", "onnx_fc2conv", "scan", str(ROOT / "models/vgg_small.onnx"), "img.npy",
+            "-o", "o.zarr", "--workers", "2", "--tile", "90"] + (["-q"] if quiet else [])
+    with socket.socket() as held:
+        try:
+            held.bind(("127.0.0.1", 8787))
+            held.listen()
+        except OSError:
+            pass                                  # taken already: the case under test
+        proc = subprocess.run(argv, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "distributed" not in proc.stderr and "8787" not in proc.stderr, proc.stderr
+    assert all(ln.startswith("scan: ") for ln in lines) and (lines == []) == quiet, proc.stderr
+    assert "wrote o.zarr" in proc.stdout or quiet
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -294,8 +294,13 @@ def dask_client(*, workers: int | None = None, scheduler: str | None = None, tim
                                    f"{str(exc).splitlines()[0] if str(exc) else 'timed out'})") from None
         else:
             with _local_config():
+                # No dashboard, but the scheduler still serves its health and
+                # metrics routes over HTTP, on port 8787 unless told otherwise;
+                # with 8787 taken (another scan, any dask dashboard) it warns on
+                # this process's stderr. An ephemeral port on 127.0.0.1 instead.
                 cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, silence_logs=logging.ERROR)
+                                       dashboard_address=None, silence_logs=logging.ERROR,
+                                       scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
             client = Client(cluster)
         try:
             yield client

@@ -79,11 +79,24 @@ def merged_probabilities(arr, g: int) -> tuple[np.ndarray, bool]:
 
 
 def write(out, image, path, *, level: int = 0, cls=None, top=None, labels=None, output: str | None = None) -> None:
+    """The overview PNG at ``path``, written whole or not at all; a failed
+    allocation (reading the map, shrinking, drawing) is one line: the
+    picture's size is fixed (``MAX_SIDE``), the map in ``out`` is complete."""
     try:
         from .. import draw
     except ImportError:
         raise Fc2ConvError("--overview needs the heatmap renderer (onnx_fc2conv.draw), which this installation "
                            "lacks") from None
+    try:
+        _write(draw, out, image, path, level=level, cls=cls, top=top, labels=labels, output=output)
+    except (MemoryError, draw.OutOfMemory) as exc:
+        what = str(exc) if isinstance(exc, draw.OutOfMemory) else \
+            "drawing it needs more memory than this process can get"
+        raise Fc2ConvError(f"--overview {path}: {what}; the map in {out} is complete: run the same command with "
+                           "--resume and more memory free to draw it") from None
+
+
+def _write(draw, out, image, path, *, level, cls, top, labels, output) -> None:
     from ..images import open_image
     from ..save import atomic_write
 
