@@ -310,6 +310,36 @@ def test_check_passes_on_a_scan_and_fails_on_a_map_stitched_without_halos(tmp_pa
     assert any(line.startswith("FAILED") and "tiles) vs one pass" in line for line in report.lines)
 
 
+def test_check_samples_block_seams_and_fails_on_blocks_run_without_halos(tmp_path, small_blocks, monkeypatch):
+    model = "models/vgg_small.onnx"
+    pixels = _pixels((170, 160, 3), 6)
+    out = tmp_path / "o.zarr"
+    result = scan(model, pixels, out, tile=256, check=True, samples=4)      # one tile, many blocks
+    assert result.tiles == 1 and result.check.ok, result.check.lines
+    # with several tiles, every other region sits on a corner where blocks meet inside one tile
+    monkeypatch.setattr(tiling, "BLOCK_OVERHEAD", 7.8)      # 2 x 2 blocks of 5 positions in a tile of 10
+    several = scan(model, pixels, tmp_path / "t.zarr", tile=150, check=True, samples=4)
+    assert several.tiles == 4 and several.check.ok
+    assert sum("(1 tile, 4 blocks) vs one pass" in line for line in several.check.lines) == 2
+    assert sum("(4 tiles) vs one pass" in line for line in several.check.lines) == 2
+    from onnx_fc2conv.scanning.check import check, plan_from
+
+    attrs = store.read_attrs(out)
+    t = plan_from(attrs)
+    good = _read(out, "prob")
+    bad = good.copy()
+    for (o0, o1), _ in t.blocks((0, 0), attrs["blocks"]["positions"]):   # each block on its own pixels only
+        crop = pixels[o0[0] * 8:min(170, o0[1] * 8 + 32), o1[0] * 8:min(160, o1[1] * 8 + 32)]
+        y = one_pass(model, crop)["prob"]
+        n = [min(b - a, m) for (a, b), m in zip((o0, o1), y.shape[1:])]
+        bad[:, o0[0]:o0[0] + n[0], o1[0]:o1[0] + n[1]] = y[:, :n[0], :n[1]]
+    assert np.abs(bad - good).max() > 1e-3
+    zarr.open_group(str(out), mode="r+")["prob"][...] = bad
+    report = check(out, model_mod.prepare(model), pixels, samples=4)
+    assert not report.ok
+    assert any(line.startswith("FAILED") and "blocks) vs one pass" in line for line in report.lines)
+
+
 def test_check_window_property_fails_on_a_wrong_map(tmp_path):
     model = "models/digits.onnx"
     pixels = _pixels((50, 50), 5)

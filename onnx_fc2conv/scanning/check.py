@@ -1,12 +1,15 @@
 """``scan --check``: prove a written map.
 
-1. **Regions across tiles.** For each sample, a block of map positions that
-   straddles a corner where tiles meet (each axis split by a tile boundary
-   where there is one) is recomputed by ONE run of the dense model on the
-   block's read region (tiling.read_region, the same exactness rule) and
-   compared with the stored map. A map stitched from tiles that did not read
-   their halo, or that kept positions near their artificial border, differs
-   right there. Also checked: no NaN (unfinished tile) in the block.
+1. **Regions across tiles and blocks.** For each sample, a region of map
+   positions that straddles a corner where tiles meet (each axis split by a
+   tile boundary where there is one), or, every other sample when the tiles
+   ran in blocks, a corner where blocks meet inside a tile, is recomputed by
+   ONE run of the dense model on the region's read region (tiling.read_region,
+   the same exactness rule) and compared with the stored map. A map stitched
+   from tiles or blocks that did not read their halo, or that kept positions
+   near their artificial border, differs right there. Corners are drawn
+   without repeats while unused ones remain. Also checked: no NaN (unfinished
+   tile) in the region.
 
 2. **Windows against the original classifier** (a model that was made dense
    here, plain stride): at sampled positions whose window lies inside the
@@ -80,9 +83,11 @@ def check(out, dense: model_mod.DenseModel, image, *, level: int = 0, samples: i
     sess = engine.session(dense.data, provider, None)
     rng = np.random.default_rng(seed)
     report = ScanCheck(True)
+    blocks = (attrs.get("blocks") or {}).get("positions") or list(tiling.chunks)
+    seams = _Seams(tiling, blocks, rng)
     with open_image(image, level=level, spatial_rank=dense.rank) as img:
         for i in range(max(1, samples)):
-            block = _block(tiling, rng, i)
+            block = seams.region(inside=i % 2 == 1)
             box = tuple(tiling_mod.read_region(p0, p1 - 1, a.size, a.stride, a.receptive_field, a.offset)
                         for a, (p0, p1) in zip(tiling.axes, block))
             x = model_mod.to_input(img.read(box), dense, prep)
@@ -90,11 +95,10 @@ def check(out, dense: model_mod.DenseModel, image, *, level: int = 0, samples: i
             local = tuple(slice(p0 - a0 // a.stride, p1 - a0 // a.stride)
                           for a, (p0, p1), (a0, _) in zip(tiling.axes, block, box))
             where = ", ".join(f"{p0}:{p1}" for p0, p1 in block)
-            spans = int(np.prod([len({(q // a.per_tile) for q in (p0, p1 - 1)}) for a, (p0, p1)
-                                 in zip(tiling.axes, block)]))
+            spans = seams.spans(block)
             for o, y in zip(dense.outputs, outs):
                 got = np.asarray(group[o][(slice(None),) + tuple(slice(p0, p1) for p0, p1 in block)])
-                _compare(f"{o} positions [{where}] ({spans} tiles) vs one pass on pixels "
+                _compare(f"{o} positions [{where}] ({spans}) vs one pass on pixels "
                          f"{', '.join(f'{a}:{b}' for a, b in box)}", y[0][(slice(None),) + local], got, report)
         if dense.converted and not dense.dense_stride:
             _windows(dense, img, group, tiling, prep, samples, rng, provider, report)
@@ -107,19 +111,44 @@ def check(out, dense: model_mod.DenseModel, image, *, level: int = 0, samples: i
     return report
 
 
-def _block(tiling, rng, i) -> list:
-    """Map positions ``[p0, p1)`` per axis around a tile corner (the image's first corner when one tile)."""
-    out = []
-    for a in tiling.axes:
+class _Seams:
+    """Regions of map positions around corners where tiles meet, or where
+    blocks meet inside a tile; corners drawn without repeats while unused
+    ones remain (the image's own positions when an axis has one tile)."""
+
+    def __init__(self, tiling, blocks, rng):
+        self.tiling, self.blocks, self.rng = tiling, [int(b) for b in blocks], rng
+        self.used = set()
+
+    def _edges(self, a, kb, inside: bool) -> list:
         k = a.per_tile
-        w = max(1, min(k, 3))
-        if a.tiles > 1:
-            c = int(rng.integers(1, a.tiles))
-            edge = c * k
-        else:
-            edge = int(rng.integers(0, a.positions))
-        out.append((max(0, edge - w), min(a.positions, edge + w)))
-    return out
+        if inside and kb < k:
+            return [c * k + j for c in range(a.tiles) for j in range(kb, k, kb) if c * k + j < a.positions]
+        return [c * k for c in range(1, a.tiles)]
+
+    def region(self, inside: bool) -> list:
+        axes = self.tiling.axes
+        edges = [self._edges(a, kb, inside) for a, kb in zip(axes, self.blocks)]
+        if inside and not any(edges):                 # no blocks: tile corners instead
+            return self.region(False)
+        corner = None
+        for _ in range(32):
+            corner = tuple(int(e[self.rng.integers(len(e))]) if e else int(self.rng.integers(0, a.positions))
+                           for a, e in zip(axes, edges))
+            if corner not in self.used:
+                break
+        self.used.add(corner)
+        return [(max(0, q - w), min(a.positions, q + w))
+                for a, q in zip(axes, corner) for w in [max(1, min(a.per_tile, 3))]]
+
+    def spans(self, region) -> str:
+        """How many tiles and blocks ``region`` covers."""
+        tiles, blocks = 1, 1
+        for a, kb, (p0, p1) in zip(self.tiling.axes, self.blocks, region):
+            ends = (p0, p1 - 1)
+            tiles *= len({q // a.per_tile for q in ends})
+            blocks *= len({(q // a.per_tile, (q % a.per_tile) // kb) for q in ends})
+        return f"{tiles} tile{'s' if tiles != 1 else ''}" + (f", {blocks} blocks" if blocks > tiles else "")
 
 
 def _windows(dense, img, group, tiling, prep, samples, rng, provider, report) -> None:
