@@ -145,7 +145,9 @@ def write(out: Path, size, tile: int = 256, cell: int = 32, fill: float = 0.5, s
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Write a tiled pyramidal TIFF of held-out digits and a JSON of where "
                                              "each digit is.")
-    ap.add_argument("-o", "--out", default="digits_slide.tif", help="the TIFF to write (the JSON goes beside it)")
+    ap.add_argument("path", nargs="?", help="the TIFF to write (as -o)")
+    ap.add_argument("-o", "--out", default=None, help="the TIFF to write (the JSON goes beside it; "
+                                                      "default digits_slide.tif)")
     ap.add_argument("--size", type=int, nargs="+", default=[4096], metavar="N",
                     help="N (square) or H W in pixels (default 4096)")
     ap.add_argument("--tile", type=int, default=256, help="TIFF tile side, a multiple of 16 (default 256)")
@@ -153,6 +155,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fill", type=float, default=0.5, help="share of cells holding a digit (default 0.5)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.path and args.out and args.path != args.out:
+        ap.error(f"two outputs given: {args.path} and -o {args.out}")
+    args.out = args.path or args.out or "digits_slide.tif"
     if len(args.size) not in (1, 2) or min(args.size) < DIGIT:
         ap.error("--size takes N or H W, each at least 8")
     if args.tile % 16:
