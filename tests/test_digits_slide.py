@@ -81,6 +81,17 @@ def test_deterministic_and_seeded(written, tmp_path):
     assert other.read_bytes() != out.read_bytes()
 
 
+def test_the_readme_command_line_names_the_output_without_o(written, tmp_path, capsys):
+    """README: python tools/make_digits_slide.py slide.tif --size 4096 (here smaller)."""
+    out, _ = written
+    positional = tmp_path / "slide.tif"
+    slide.main([str(positional), "--size", *map(str, SIZE), "--tile", "128", "--cell", "20", "--seed", "3"])
+    assert positional.read_bytes() == out.read_bytes() and positional.with_suffix(".json").exists()
+    with pytest.raises(SystemExit):
+        slide.main([str(tmp_path / "a.tif"), "-o", str(tmp_path / "b.tif")])
+    assert "two outputs" in capsys.readouterr().err
+
+
 def test_written_tile_by_tile_without_holding_the_image(tmp_path):
     size = (6000, 6000)                                      # 36 MB of pixels
     tracemalloc.start()
