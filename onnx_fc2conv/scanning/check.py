@@ -92,8 +92,7 @@ def check(out, dense: model_mod.DenseModel, image, *, level: int = 0, samples: i
                         for a, (p0, p1) in zip(tiling.axes, block))
             x = model_mod.to_input(img.read(box), dense, prep)
             outs = sess.run(list(dense.outputs), {dense.input: x})
-            local = tuple(slice(p0 - a0 // a.stride, p1 - a0 // a.stride)
-                          for a, (p0, p1), (a0, _) in zip(tiling.axes, block, box))
+            local = tiling.local(block, box)
             where = ", ".join(f"{p0}:{p1}" for p0, p1 in block)
             spans = seams.spans(block)
             for o, y in zip(dense.outputs, outs):
@@ -138,8 +137,8 @@ class _Seams:
             if corner not in self.used:
                 break
         self.used.add(corner)
-        return [(max(0, q - w), min(a.positions, q + w))
-                for a, q in zip(axes, corner) for w in [max(1, min(a.per_tile, 3))]]
+        half = [max(1, min(a.per_tile, 3)) for a in axes]
+        return [(max(0, q - w), min(a.positions, q + w)) for a, q, w in zip(axes, corner, half)]
 
     def spans(self, region) -> str:
         """How many tiles and blocks ``region`` covers."""

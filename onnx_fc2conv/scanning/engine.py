@@ -127,8 +127,7 @@ class Worker:
         tile_owned = tiling.owned(t)
         maps = [None] * len(self.job.dense.outputs)
         for owned, regions, x in blocks:
-            local = tuple(slice(p0 - a // ax.stride, p1 - a // ax.stride)
-                          for ax, (p0, p1), (a, _) in zip(tiling.axes, owned, regions))
+            local = tiling.local(owned, regions)
             at = tuple(slice(p0 - q0, p1 - q0) for (p0, p1), (q0, _) in zip(owned, tile_owned))
             for i, y in enumerate(self._run(x)):
                 m = y[0]

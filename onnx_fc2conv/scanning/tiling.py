@@ -202,14 +202,11 @@ class Tiling:
         per_axis = [a.blocks(c, k) for a, c, k in zip(self.axes, t, ks)]
         return [tuple(zip(*combo)) for combo in itertools.product(*per_axis)]
 
-    def local(self, t) -> tuple:
-        """Slices of the crop's map that hold tile ``t``'s owned positions."""
-        out = []
-        for a, c in zip(self.axes, t):
-            (p0, p1), (r0, _) = a.owned(c), a.read(c)
-            q0 = p0 - r0 // a.stride
-            out.append(slice(q0, q0 + p1 - p0))
-        return tuple(out)
+    def local(self, owned, regions) -> tuple:
+        """Slices of the map of a crop reading ``regions`` that hold the
+        positions ``owned`` (per axis: ``[p0, p1)`` and ``[a, b)``)."""
+        return tuple(slice(p0 - a // ax.stride, p1 - a // ax.stride)
+                     for ax, (p0, p1), (a, _) in zip(self.axes, owned, regions))
 
 
 def plan(sizes, strides, receptive_fields, offsets, positions, tile) -> Tiling:
